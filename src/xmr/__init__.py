@@ -1,0 +1,3 @@
+"""xmr: cross-modal retrieval toolkit."""
+
+__version__ = "0.1.0"
