@@ -1,0 +1,290 @@
+"""Experiment configuration: dataclasses, YAML loading with inheritance, `key=value` overrides.
+
+A config file is YAML whose top-level sections mirror `ExperimentConfig`. A file may start with
+`base: other.yaml` (path relative to the file) to inherit and override another recipe. Unknown keys
+and wrongly typed values raise `ConfigError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xmr.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and method-specific heads."""
+
+    clip: str = "ViT-B/16"  # a preset of xmr.models.clip.CLIP_CONFIGS
+    pretrained: str | None = None  # OpenAI / open_clip / Hugging Face / IRRA checkpoint to start from
+    image_size: tuple[int, int] = (384, 128)  # (H, W)
+    stride: int | None = None  # patch stride; None = patch size (no overlap)
+    clip_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"vision.layers": 4}
+    cmt_depth: int = 4  # layers of the cross-modal interaction encoder
+    temperature: float = 0.02  # fixed tau of the SDM / ITC losses (logit scale 1/tau)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    names: list[str] = field(default_factory=lambda: ["sdm", "id", "mlm"])
+    id_weight: float = 1.0
+    mlm_weight: float = 1.0
+    sdm_weight: float = 1.0
+    itc_weight: float = 1.0
+    cmpm_weight: float = 1.0
+    soft_label_weight: float | None = None  # SDM soft-label variant (reference code: 0.3)
+
+
+@dataclass
+class DataConfig:
+    format: str = "cuhk_pedes"  # cuhk_pedes | icfg_pedes | rstpreid | folder
+    root: str = "data/CUHK-PEDES"
+    tokenizer: str | None = None  # CLIP BPE .txt.gz, a Hugging Face tokenizer dir, or None to train one
+    tokenizer_merges: int = 2000  # merges learnt on the training captions when tokenizer is None
+    context_length: int = 77
+    mlm_probability: float = 0.15
+    batch_size: int = 64
+    num_workers: int = 2
+    sampler: str = "random"  # random | identity
+    num_instances: int = 4  # K of the identity (P x K) sampler
+    augment: bool = True
+    flip_p: float = 0.5
+    pad: int = 10
+    erase_p: float = 0.5
+    val_fraction: float = 0.1  # held-out training identities when a dataset has no val split
+    on_error: str = "raise"  # raise | skip
+    check_images: str = "exists"  # exists | decode | none
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-3
+    weight_decay: float = 4e-5
+    bias_lr_factor: float = 2.0
+    bias_weight_decay: float = 0.0
+    new_module_lr_factor: float = 5.0  # randomly initialised modules (fusion, classifier, MLM head)
+    epochs: int = 60
+    warmup_epochs: float = 5
+    warmup_factor: float = 0.1
+    min_lr: float = 0.0
+    schedule: str = "cosine"  # cosine | constant
+    step_schedule_per_iteration: bool = False  # the reference recipe steps the schedule once per epoch
+    grad_clip: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/irra"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+    grad_accum: int = 1
+    eval_every: int = 1  # epochs
+    log_every: int = 20  # steps
+    max_steps_per_epoch: int | None = None
+    select_metric: str = "R1"
+    progress: bool = True
+    tensorboard: bool = True
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 128
+    num_workers: int = 2
+    query_chunk: int = 1024
+    i2t: bool = False
+    precision: str = "bf16"
+
+
+@dataclass
+class ExperimentConfig:
+    method: str = "irra"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        choices = {
+            "data.format": (self.data.format, {"cuhk_pedes", "icfg_pedes", "rstpreid", "folder"}),
+            "data.sampler": (self.data.sampler, {"random", "identity"}),
+            "data.on_error": (self.data.on_error, {"raise", "skip"}),
+            "data.check_images": (self.data.check_images, {"exists", "decode", "none"}),
+            "optim.optimizer": (self.optim.optimizer, {"adam", "adamw"}),
+            "optim.schedule": (self.optim.schedule, {"cosine", "constant"}),
+            "train.precision": (self.train.precision, {"fp32", "bf16", "fp16"}),
+            "eval.precision": (self.eval.precision, {"fp32", "bf16", "fp16"}),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
+        unknown = set(self.loss.names) - {"sdm", "id", "mlm", "itc", "cmpm"}
+        if unknown or not self.loss.names:
+            raise ConfigError(f"loss.names={self.loss.names}: use a non-empty subset of sdm, id, mlm, itc, cmpm")
+        positive = {"data.batch_size": self.data.batch_size, "optim.epochs": self.optim.epochs,
+                    "train.grad_accum": self.train.grad_accum, "data.context_length": self.data.context_length}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key}={value} must be positive")
+        if self.data.sampler == "identity" and self.data.batch_size % self.data.num_instances:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} must be a multiple of data.num_instances="
+                f"{self.data.num_instances} for the identity sampler")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Check `value` against a dataclass field annotation; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{source}: {key} has an invalid value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if origin is list:
+        (arg,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.replace("+", ",").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(v, arg, key, source) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ConfigError(f"{source}: {key} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _merge_into(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' must be a mapping of its fields, got {value!r}")
+            _merge_into(current, value, dotted + ".", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted, source))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'base' chain")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    _merge_into(cfg, data, "", source)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Defaults <- YAML file (with its `base` chain) <- `key=value` overrides; validated."""
+    data = _read_yaml(Path(path)) if path else {}
+    cfg = ExperimentConfig()
+    _merge_into(cfg, data, "", str(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: dict[str, Any] = {keys[-1]: value}
+        for key in reversed(keys[:-1]):
+            nested = {key: nested}
+        _merge_into(cfg, nested, "", f"override '{text}'")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    data = cfg.to_dict()
+    if extra:
+        data = {**data, **extra}
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

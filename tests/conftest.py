@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny synthetic CUHK-PEDES data set and a tiny experiment config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_pedes(tmp_path_factory) -> Path:
+    from xmr.data.synthetic import generate_pedes_demo
+
+    root = tmp_path_factory.mktemp("pedes")
+    return generate_pedes_demo(root, num_ids=24, images_per_id=2, captions_per_image=2, image_size=(64, 32),
+                               split_ids=(16, 4, 4), seed=0)
+
+
+def tiny_overrides(data_root: Path, output_dir: Path, **extra: object) -> list[str]:
+    """Overrides that turn any recipe into a seconds-long CPU run on the tiny data set."""
+    values = {
+        "model.clip": "tiny",
+        "model.pretrained": None,
+        "model.image_size": [64, 32],
+        "model.cmt_depth": 1,
+        "data.format": "cuhk_pedes",
+        "data.root": str(data_root),
+        "data.tokenizer": None,
+        "data.tokenizer_merges": 150,
+        "data.context_length": 32,
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "optim.optimizer": "adamw",
+        "optim.lr": 1e-3,
+        "optim.eps": 1e-8,
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 1,
+        "train.output_dir": str(output_dir),
+        "train.precision": "fp32",
+        "train.max_steps_per_epoch": 3,
+        "train.log_every": 1,
+        "train.tensorboard": False,
+        "train.progress": False,
+        "eval.num_workers": 0,
+        "eval.precision": "fp32",
+    }
+    values.update(extra)
+    import yaml
+
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in values.items()]
