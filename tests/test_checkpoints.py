@@ -1,4 +1,4 @@
-"""Checkpoint loading: parity with transformers' CLIPModel, every supported layout, grid resize, errors, atomic saves."""
+"""Checkpoint loading: parity with transformers, every supported layout, grid resize, errors, atomic saves."""
 
 from __future__ import annotations
 
@@ -46,14 +46,42 @@ def features(model: CLIP, images: torch.Tensor, ids: torch.Tensor) -> tuple[torc
 
 
 # -- parity with transformers ----------------------------------------------------------------------
-def hf_model(image: int, patch: int, v_width: int, v_layers: int, v_heads: int, t_width: int, t_layers: int,
-             t_heads: int, embed: int, eos: int = EOS, vocab: int = 100, context: int = 16):
+def hf_model(
+    image: int,
+    patch: int,
+    v_width: int,
+    v_layers: int,
+    v_heads: int,
+    t_width: int,
+    t_layers: int,
+    t_heads: int,
+    embed: int,
+    eos: int = EOS,
+    vocab: int = 100,
+    context: int = 16,
+):
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=t_width, intermediate_size=4 * t_width,
-                         num_hidden_layers=t_layers, num_attention_heads=t_heads, max_position_embeddings=context,
-                         hidden_act="quick_gelu", eos_token_id=eos, bos_token_id=eos - 1, pad_token_id=0),
-        vision_config=dict(image_size=image, patch_size=patch, hidden_size=v_width, intermediate_size=4 * v_width,
-                           num_hidden_layers=v_layers, num_attention_heads=v_heads, hidden_act="quick_gelu"),
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": t_width,
+            "intermediate_size": 4 * t_width,
+            "num_hidden_layers": t_layers,
+            "num_attention_heads": t_heads,
+            "max_position_embeddings": context,
+            "hidden_act": "quick_gelu",
+            "eos_token_id": eos,
+            "bos_token_id": eos - 1,
+            "pad_token_id": 0,
+        },
+        vision_config={
+            "image_size": image,
+            "patch_size": patch,
+            "hidden_size": v_width,
+            "intermediate_size": 4 * v_width,
+            "num_hidden_layers": v_layers,
+            "num_attention_heads": v_heads,
+            "hidden_act": "quick_gelu",
+        },
         projection_dim=embed,
     )
     torch.manual_seed(0)
@@ -75,7 +103,7 @@ def text_ids(batch: int, length: int, eos: int, vocab: int) -> torch.Tensor:
     for row in range(batch):
         end = 3 + (row * 5) % (length - 3)
         ids[row, end] = eos
-        ids[row, end + 1:] = 0
+        ids[row, end + 1 :] = 0
     return ids
 
 
@@ -190,7 +218,9 @@ def test_openai_torchscript_archive(tmp_path, reference):
         for param in model.parameters():
             param.copy_(param.half().float())
     state = {k: v.half() for k, v in model.state_dict().items()}
-    state.update(input_resolution=torch.tensor(64), context_length=torch.tensor(32), vocab_size=torch.tensor(1000))
+    state.update(
+        input_resolution=torch.tensor(64), context_length=torch.tensor(32), vocab_size=torch.tensor(1000)
+    )
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(torch.jit.trace(_Holder(state), torch.zeros(1)), path)
     raw = read_state_dict(path)
@@ -214,16 +244,24 @@ def test_open_clip_module_prefix(tmp_path, reference):
 
 
 def test_open_clip_custom_text_tower_rejected():
-    state = {"visual.conv1.weight": torch.zeros(1), "text.transformer.embeddings.word_embeddings.weight": torch.zeros(1)}
+    state = {
+        "visual.conv1.weight": torch.zeros(1),
+        "text.transformer.embeddings.word_embeddings.weight": torch.zeros(1),
+    }
     with pytest.raises(CheckpointError, match="custom tower"):
         load_clip_weights(tiny_clip(), state)
 
 
 def test_irra_best_pth(tmp_path, reference):
     model = reference[0]
-    heads = {"cross_attn.in_proj_weight": torch.randn(96, 32), "cross_modal_transformer.resblocks.0.ln_1.weight":
-             torch.randn(32), "ln_pre_t.weight": torch.randn(32), "ln_post.bias": torch.randn(32),
-             "mlm_head.fc.weight": torch.randn(1000, 32), "classifier.weight": torch.randn(7, 32)}
+    heads = {
+        "cross_attn.in_proj_weight": torch.randn(96, 32),
+        "cross_modal_transformer.resblocks.0.ln_1.weight": torch.randn(32),
+        "ln_pre_t.weight": torch.randn(32),
+        "ln_post.bias": torch.randn(32),
+        "mlm_head.fc.weight": torch.randn(1000, 32),
+        "classifier.weight": torch.randn(7, 32),
+    }
     state = {f"base_model.{k}": v for k, v in model.state_dict().items()} | heads
     path = tmp_path / "best.pth"
     torch.save({"model": state, "epoch": 12}, path)
@@ -231,8 +269,14 @@ def test_irra_best_pth(tmp_path, reference):
     assert detect_format(raw) == "irra"
     clip_sd, head_sd = split_irra_state_dict(raw)
     assert set(clip_sd) == set(model.state_dict())
-    assert set(head_sd) == {"fusion.cross_attn.in_proj_weight", "fusion.cross_modal_transformer.resblocks.0.ln_1.weight",
-                            "fusion.ln_pre_t.weight", "fusion.ln_post.bias", "mlm_head.fc.weight", "classifier.weight"}
+    assert set(head_sd) == {
+        "fusion.cross_attn.in_proj_weight",
+        "fusion.cross_modal_transformer.resblocks.0.ln_1.weight",
+        "fusion.ln_pre_t.weight",
+        "fusion.ln_post.bias",
+        "mlm_head.fc.weight",
+        "classifier.weight",
+    }
     assert torch.equal(head_sd["fusion.cross_attn.in_proj_weight"], heads["cross_attn.in_proj_weight"])
     loaded = tiny_clip(seed=9)
     load_clip_weights(loaded, path)
@@ -245,7 +289,9 @@ def test_irra_best_pth(tmp_path, reference):
 
 def test_xmr_model_dir_round_trip(tmp_path, reference):
     model = reference[0]
-    method_state = {f"clip.{k}": v for k, v in model.state_dict().items()} | {"classifier.weight": torch.randn(3, 32)}
+    method_state = {f"clip.{k}": v for k, v in model.state_dict().items()} | {
+        "classifier.weight": torch.randn(3, 32)
+    }
     config = {"method": "irra", "clip": model.config.to_dict(), "epochs_done": 2}
     out = save_model_dir(tmp_path / "best", config, method_state, extra_files={"notes.txt": b"hello"})
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "notes.txt"]
@@ -335,7 +381,9 @@ def test_wrong_shape_names_key_and_shapes(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_clip_weights(tiny_clip(), path)
     message = str(info.value)
-    assert "bad.pt" in message and "'visual.proj'" in message and "(64, 16)" in message and "(64, 32)" in message
+    assert (
+        "bad.pt" in message and "'visual.proj'" in message and "(64, 16)" in message and "(64, 32)" in message
+    )
 
 
 def test_missing_and_unexpected_keys():

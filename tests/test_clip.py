@@ -1,4 +1,4 @@
-"""CLIP towers: shapes, masks, pooling, precision, parity of Attention with nn.MultiheadAttention, gradients."""
+"""CLIP towers: shapes, masks, pooling, precision, Attention vs nn.MultiheadAttention, gradients."""
 
 from __future__ import annotations
 
@@ -34,13 +34,36 @@ def build(cfg: CLIPConfig, seed: int = 0) -> CLIP:
 
 def openai_keys(vision_layers: int, text_layers: int) -> set[str]:
     """OpenAI CLIP ViT state-dict keys, written out from the layout of the released checkpoints."""
-    block = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
-             "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
-             "mlp.c_proj.bias", "ln_2.weight", "ln_2.bias"]
-    keys = {"positional_embedding", "text_projection", "logit_scale", "token_embedding.weight",
-            "ln_final.weight", "ln_final.bias", "visual.class_embedding", "visual.positional_embedding",
-            "visual.proj", "visual.conv1.weight", "visual.ln_pre.weight", "visual.ln_pre.bias",
-            "visual.ln_post.weight", "visual.ln_post.bias"}
+    block = [
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "ln_1.weight",
+        "ln_1.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+    ]
+    keys = {
+        "positional_embedding",
+        "text_projection",
+        "logit_scale",
+        "token_embedding.weight",
+        "ln_final.weight",
+        "ln_final.bias",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.proj",
+        "visual.conv1.weight",
+        "visual.ln_pre.weight",
+        "visual.ln_pre.bias",
+        "visual.ln_post.weight",
+        "visual.ln_post.bias",
+    }
     keys |= {f"visual.transformer.resblocks.{i}.{b}" for i in range(vision_layers) for b in block}
     keys |= {f"transformer.resblocks.{i}.{b}" for i in range(text_layers) for b in block}
     return keys
@@ -63,7 +86,12 @@ def test_vit_b16_keys_and_shapes_equal_openai():
 
 def test_presets():
     l14 = CLIP_CONFIGS["ViT-L/14"]
-    assert (l14.vision.width, l14.vision.layers, l14.vision.heads, l14.vision.patch_size) == (1024, 24, 16, 14)
+    assert (l14.vision.width, l14.vision.layers, l14.vision.heads, l14.vision.patch_size) == (
+        1024,
+        24,
+        16,
+        14,
+    )
     assert (l14.text.width, l14.text.layers, l14.text.heads, l14.embed_dim) == (768, 12, 12, 768)
     assert CLIP_CONFIGS["ViT-B/32"].vision.patch_size == 32
     demo = CLIP_CONFIGS["demo"]
@@ -135,9 +163,13 @@ def test_text_is_causal():
 
 def test_text_pooling_at_first_eot_else_argmax():
     model = build(small(**{"text.eot_token_id": 999}))
-    ids = torch.tensor([[5, 9, 999, 0, 999, 0],      # first EOT at 2 (a later one is ignored)
-                        [5, 999, 3, 0, 0, 0],         # EOT at 1 although 5 is larger than 3
-                        [5, 700, 12, 0, 0, 0]])       # no EOT: argmax -> 1
+    ids = torch.tensor(
+        [
+            [5, 9, 999, 0, 999, 0],  # first EOT at 2 (a later one is ignored)
+            [5, 999, 3, 0, 0, 0],  # EOT at 1 although 5 is larger than 3
+            [5, 700, 12, 0, 0, 0],
+        ]
+    )  # no EOT: argmax -> 1
     out = model.encode_text(ids)
     torch.testing.assert_close(out.pooled, out.tokens[torch.arange(3), torch.tensor([2, 1, 1])])
     model.text_cfg.eot_token_id = None  # argmax everywhere (first max in row 0 -> 2)
@@ -187,16 +219,21 @@ def test_attention_equals_multihead_attention():
     ours, ref = _mha_twin(32, 4)
     x, mem = torch.randn(3, 7, 32), torch.randn(3, 11, 32)
     torch.testing.assert_close(ours(x), ref(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours(x, mem, mem), ref(x, mem, mem, need_weights=False)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ours(x, mem, mem), ref(x, mem, mem, need_weights=False)[0], atol=1e-5, rtol=1e-5
+    )
     causal = torch.ones(7, 7, dtype=torch.bool).triu(1)
     expected = ref(x, x, x, attn_mask=causal, need_weights=False)[0]
     torch.testing.assert_close(ours(x, is_causal=True), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours(x, attn_mask=causal), expected, atol=1e-5, rtol=1e-5)
     float_mask = torch.randn(3, 7, 11)
     float_mask_heads = float_mask.repeat_interleave(4, dim=0)  # MHA wants (B*heads, L, S)
-    torch.testing.assert_close(ours(x, mem, mem, attn_mask=float_mask),
-                               ref(x, mem, mem, attn_mask=float_mask_heads, need_weights=False)[0],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ours(x, mem, mem, attn_mask=float_mask),
+        ref(x, mem, mem, attn_mask=float_mask_heads, need_weights=False)[0],
+        atol=1e-5,
+        rtol=1e-5,
+    )
     bool_mask = torch.rand(7, 11) > 0.7
     bool_mask[:, 0] = False  # keep one key per query so no row is fully masked
     pad = torch.zeros(3, 11, dtype=torch.bool)
@@ -204,7 +241,9 @@ def test_attention_equals_multihead_attention():
     torch.testing.assert_close(
         ours(x, mem, mem, attn_mask=bool_mask, key_padding_mask=pad),
         ref(x, mem, mem, attn_mask=bool_mask, key_padding_mask=pad, need_weights=False)[0],
-        atol=1e-5, rtol=1e-5)
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_every_parameter_gets_a_gradient():

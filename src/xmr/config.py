@@ -196,6 +196,11 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads `3e-4` (no dot) as a string
+            return annotation(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
     if isinstance(annotation, type) and not isinstance(value, annotation):

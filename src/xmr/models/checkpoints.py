@@ -38,12 +38,20 @@ CONFIG_FILES = ("config.yaml", "config.json")
 _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 _IRRA_FUSION = ("cross_attn.", "cross_modal_transformer.", "ln_pre_t.", "ln_pre_i.", "ln_post.")
 _IRRA_KEEP = ("mlm_head.", "classifier.")
+_WEIGHT_NAMES = (WEIGHTS_FILE, "pytorch_model.bin",
+                 "open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # fmt: skip
+# Hugging Face CLIPModel -> OpenAI names: per encoder layer, and the tower-level LayerNorms.
+_HF_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
+_HF_NORMS = {"vision_model.pre_layrnorm": "visual.ln_pre", "vision_model.post_layernorm": "visual.ln_post",
+             "text_model.final_layer_norm": "ln_final"}  # fmt: skip
 
 
 # -- reading ---------------------------------------------------------------------------------------
 def _corrupt(path: Path, err: Exception) -> CheckpointError:
-    return CheckpointError(f"{path}: the file looks truncated or corrupt and cannot be read ({err}); "
-                           "download or copy it again")
+    return CheckpointError(
+        f"{path}: the file looks truncated or corrupt and cannot be read ({err}); download or copy it again"
+    )
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -77,8 +85,10 @@ def _read_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for bad archives
         if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise CheckpointError(f"{path}: holds Python objects other than tensors, which xmr refuses to "
-                                  "unpickle; re-save only the state dict (torch.save(model.state_dict()))") from None
+            raise CheckpointError(
+                f"{path}: holds Python objects other than tensors, which xmr refuses to "
+                "unpickle; re-save only the state dict (torch.save(model.state_dict()))"
+            ) from None
         raise _corrupt(path, err) from None
 
 
@@ -91,7 +101,7 @@ def _read_directory(path: Path) -> Any:
         for shard in shards:
             merged.update(_read_file(path / shard))
         return merged
-    for name in (WEIGHTS_FILE, "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+    for name in _WEIGHT_NAMES:
         if (path / name).is_file():
             return _read_file(path / name)
     raise CheckpointError(f"{path}: directory holds no weights file ({WEIGHTS_FILE} or pytorch_model.bin)")
@@ -110,7 +120,7 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found (keys: {list(obj)[:8]})")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -144,15 +154,19 @@ def detect_format(state_dict: StateDict) -> str:
     if "clip.visual.conv1.weight" in state_dict:
         return "xmr"
     if "visual.conv1.weight" in state_dict:
-        custom = any(k.startswith(("text.", "visual.trunk.", "visual.attn_pool")) or k in ("attn_mask", "logit_bias")
-                     for k in keys)
+        custom = any(
+            k.startswith(("text.", "visual.trunk.", "visual.attn_pool")) or k in ("attn_mask", "logit_bias")
+            for k in keys
+        )
         return "open_clip" if custom else "openai"
     if "visual.trunk.stem.0.weight" in state_dict or any(k.startswith("text.") for k in keys):
         return "open_clip"
     if "visual.layer1.0.conv1.weight" in state_dict:
         raise CheckpointError("ResNet CLIP checkpoints are not supported; use a ViT CLIP (e.g. ViT-B/16)")
-    raise CheckpointError(f"unrecognised checkpoint layout (first keys: {keys[:5]}); expected OpenAI, "
-                          "open_clip, Hugging Face CLIPModel, IRRA or xmr weights")
+    raise CheckpointError(
+        f"unrecognised checkpoint layout (first keys: {keys[:5]}); expected OpenAI, "
+        "open_clip, Hugging Face CLIPModel, IRRA or xmr weights"
+    )
 
 
 def _hf_layer_to_openai(sd: StateDict, src: str, dst: str, out: StateDict) -> None:
@@ -160,16 +174,14 @@ def _hf_layer_to_openai(sd: StateDict, src: str, dst: str, out: StateDict) -> No
     att = f"{src}.self_attn"
     out[f"{dst}.attn.in_proj_weight"] = torch.cat([sd[f"{att}.{p}_proj.weight"] for p in "qkv"])
     out[f"{dst}.attn.in_proj_bias"] = torch.cat([sd[f"{att}.{p}_proj.bias"] for p in "qkv"])
-    names = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    for hf, oa in names.items():
+    for hf, oa in _HF_LAYER.items():
         for p in ("weight", "bias"):
             out[f"{dst}.{oa}.{p}"] = sd[f"{src}.{hf}.{p}"]
 
 
 def convert_hf_to_openai(sd: StateDict) -> StateDict:
     """Hugging Face CLIPModel keys -> OpenAI CLIP keys (Linear projections become (in, out) matrices)."""
-    sd = {k[len("clip."):] if k.startswith("clip.") else k: v for k, v in sd.items()}
+    sd = {k.removeprefix("clip."): v for k, v in sd.items()}
     try:
         out: StateDict = {
             "visual.class_embedding": sd["vision_model.embeddings.class_embedding"],
@@ -182,14 +194,13 @@ def convert_hf_to_openai(sd: StateDict) -> StateDict:
         }
         if "logit_scale" in sd:
             out["logit_scale"] = sd["logit_scale"]
-        for hf, oa in (("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
-                       ("text_model.final_layer_norm", "ln_final")):
+        for hf, oa in _HF_NORMS.items():
             for p in ("weight", "bias"):
                 out[f"{oa}.{p}"] = sd[f"{hf}.{p}"]
         layer = re.compile(r"^(vision_model|text_model)\.encoder\.layers\.(\d+)\.")
         for tower, idx in sorted({m.groups() for k in sd if (m := layer.match(k))}):
-            dst = f"visual.transformer.resblocks.{idx}" if tower == "vision_model" else f"transformer.resblocks.{idx}"
-            _hf_layer_to_openai(sd, f"{tower}.encoder.layers.{idx}", dst, out)
+            dst = "visual.transformer" if tower == "vision_model" else "transformer"
+            _hf_layer_to_openai(sd, f"{tower}.encoder.layers.{idx}", f"{dst}.resblocks.{idx}", out)
     except KeyError as err:
         raise CheckpointError(f"Hugging Face CLIP checkpoint lacks the key {err.args[0]!r}") from None
     return out
@@ -206,7 +217,7 @@ def split_irra_state_dict(sd: StateDict) -> tuple[StateDict, StateDict]:
     head_sd: StateDict = {}
     for key, value in sd.items():
         if key.startswith("base_model."):
-            clip_sd[key[len("base_model."):]] = value
+            clip_sd[key[len("base_model.") :]] = value
         elif key.startswith(_IRRA_FUSION):
             head_sd[f"fusion.{key}"] = value
         elif key.startswith(_IRRA_KEEP):
@@ -222,12 +233,14 @@ def to_openai(sd: StateDict, fmt: str | None = None) -> StateDict:
     if fmt == "irra":
         sd = split_irra_state_dict(sd)[0]
     elif fmt == "xmr":
-        sd = {k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.")}
+        sd = {k[len("clip.") :]: v for k, v in sd.items() if k.startswith("clip.")}
     elif fmt == "open_clip":
         custom = [k for k in sd if k.startswith(("text.", "visual.trunk.", "visual.attn_pool"))]
         if custom:
-            raise CheckpointError(f"open_clip checkpoint with a custom tower (key {custom[0]!r}) is not "
-                                  "supported; only the standard CLIP ViT layout loads")
+            raise CheckpointError(
+                f"open_clip checkpoint with a custom tower (key {custom[0]!r}) is not "
+                "supported; only the standard CLIP ViT layout loads"
+            )
     return {k: v for k, v in sd.items() if k not in _OPENAI_EXTRAS and k != "logit_bias"}
 
 
@@ -237,8 +250,9 @@ def _count_layers(sd: StateDict, prefix: str) -> int:
     return len({m.group(1) for k in sd if (m := pattern.match(k))})
 
 
-def infer_clip_config(openai_sd: StateDict, image_size: tuple[int, int] | None = None,
-                      stride: int | None = None) -> CLIPConfig:
+def infer_clip_config(
+    openai_sd: StateDict, image_size: tuple[int, int] | None = None, stride: int | None = None
+) -> CLIPConfig:
     """CLIPConfig from OpenAI-layout weights (heads = width // 64, OpenAI's convention).
 
     The image size is taken from the positional grid when it is square (stride = patch), e.g.
@@ -251,16 +265,29 @@ def infer_clip_config(openai_sd: StateDict, image_size: tuple[int, int] | None =
         side = math.isqrt(n_patches)
         if image_size is None:
             if side * side != n_patches:
-                raise CheckpointError(f"cannot infer the image size from a non-square grid of {n_patches} "
-                                      "patches; pass image_size=(H, W)")
+                raise CheckpointError(
+                    f"cannot infer the image size from a non-square grid of {n_patches} "
+                    "patches; pass image_size=(H, W)"
+                )
             image_size = (side * patch, side * patch)
         t_width = openai_sd["ln_final.weight"].shape[0]
         token = openai_sd["token_embedding.weight"]
-        vision = VisionConfig(image_size=tuple(image_size), patch_size=patch, stride=stride, width=v_width,
-                              layers=_count_layers(openai_sd, "visual.transformer.resblocks."), heads=v_width // 64)
-        text = TextConfig(context_length=openai_sd["positional_embedding"].shape[0], vocab_size=token.shape[0],
-                          width=t_width, layers=_count_layers(openai_sd, "transformer.resblocks."),
-                          heads=max(1, t_width // 64), eot_token_id=49407 if token.shape[0] >= 49408 else None)
+        vision = VisionConfig(
+            image_size=tuple(image_size),
+            patch_size=patch,
+            stride=stride,
+            width=v_width,
+            layers=_count_layers(openai_sd, "visual.transformer.resblocks."),
+            heads=v_width // 64,
+        )
+        text = TextConfig(
+            context_length=openai_sd["positional_embedding"].shape[0],
+            vocab_size=token.shape[0],
+            width=t_width,
+            layers=_count_layers(openai_sd, "transformer.resblocks."),
+            heads=max(1, t_width // 64),
+            eot_token_id=49407 if token.shape[0] >= 49408 else None,
+        )
         return CLIPConfig(embed_dim=openai_sd["visual.proj"].shape[1], vision=vision, text=text)
     except KeyError as err:
         raise CheckpointError(f"cannot infer a CLIP config: weights lack {err.args[0]!r}") from None
@@ -280,13 +307,21 @@ def clip_config_from_hf(hf_config: dict[str, Any]) -> CLIPConfig:
     size = v.get("image_size", 224)
     return CLIPConfig(
         embed_dim=hf_config.get("projection_dim", 512),
-        vision=VisionConfig(image_size=(size, size), patch_size=v.get("patch_size", 32),
-                            width=v.get("hidden_size", 768), layers=v.get("num_hidden_layers", 12),
-                            heads=v.get("num_attention_heads", 12)),
-        text=TextConfig(context_length=t.get("max_position_embeddings", 77), vocab_size=t.get("vocab_size", 49408),
-                        width=t.get("hidden_size", 512), layers=t.get("num_hidden_layers", 12),
-                        heads=t.get("num_attention_heads", 8),
-                        eot_token_id=None if eos == 2 else eos),  # HF's legacy eos id 2 means "argmax"
+        vision=VisionConfig(
+            image_size=(size, size),
+            patch_size=v.get("patch_size", 32),
+            width=v.get("hidden_size", 768),
+            layers=v.get("num_hidden_layers", 12),
+            heads=v.get("num_attention_heads", 12),
+        ),
+        text=TextConfig(
+            context_length=t.get("max_position_embeddings", 77),
+            vocab_size=t.get("vocab_size", 49408),
+            width=t.get("hidden_size", 512),
+            layers=t.get("num_hidden_layers", 12),
+            heads=t.get("num_attention_heads", 8),
+            eot_token_id=None if eos == 2 else eos,  # HF's legacy eos id 2 means "argmax"
+        ),
         act=acts.pop(),
         logit_scale_init=hf_config.get("logit_scale_init_value", math.log(1 / 0.07)),
     )
@@ -309,7 +344,9 @@ def _config_of_directory(path: Path) -> CLIPConfig | None:
 
 
 # -- loading into a model --------------------------------------------------------------------------
-def resize_positional_grid(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+def resize_positional_grid(
+    pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
     """Resize a (1 + h*w, D) positional embedding to another patch grid by bicubic interpolation.
 
     The class-token row (row 0) is kept as is; the rest is read row-major as an (h, w) grid.
@@ -334,41 +371,51 @@ def _adapt(sd: StateDict, model: CLIP, old_grid: tuple[int, int] | None, name: s
         if old_grid is None or old_grid[0] * old_grid[1] != n:
             side = math.isqrt(n)
             if side * side != n:
-                raise CheckpointError(f"{name}: cannot tell the positional grid of {n} patches; "
-                                      "load it into a model with the same image size and stride")
+                raise CheckpointError(
+                    f"{name}: cannot tell the positional grid of {n} patches; "
+                    "load it into a model with the same image size and stride"
+                )
             old_grid = (side, side)
         new_grid = model.visual.grid_size
         sd[key] = resize_positional_grid(sd[key], old_grid, new_grid)
-        notes.append(f"resized {key} grid {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]} (bicubic)")
+        notes.append(
+            f"resized {key} grid {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]} (bicubic)"
+        )
     key, rows = "token_embedding.weight", model.token_embedding.weight
     if key in sd and sd[key].shape[0] < rows.shape[0] and sd[key].shape[1:] == rows.shape[1:]:
         # Extra rows (e.g. a [MASK] token) keep the model's own normal(0.02) initialisation.
-        extra = rows.detach()[sd[key].shape[0]:].to(sd[key].dtype)
+        extra = rows.detach()[sd[key].shape[0] :].to(sd[key].dtype)
         notes.append(f"added {extra.shape[0]} token embedding row(s) ({sd[key].shape[0]} -> {rows.shape[0]})")
         sd[key] = torch.cat([sd[key], extra])
     key, ctx = "positional_embedding", model.positional_embedding
     if key in sd and sd[key].shape[0] > ctx.shape[0] and sd[key].shape[1:] == ctx.shape[1:]:
-        notes.append(f"truncated text context {sd[key].shape[0]} -> {ctx.shape[0]}")  # causal: earlier rows unaffected
+        # Causal attention: dropping the last positions leaves the earlier ones unchanged.
+        notes.append(f"truncated text context {sd[key].shape[0]} -> {ctx.shape[0]}")
         sd[key] = sd[key][: ctx.shape[0]]
     return notes
 
 
-def _load_openai(model: CLIP, sd: StateDict, name: str, *, strict: bool,
-                 old_grid: tuple[int, int] | None = None) -> list[str]:
+def _load_openai(
+    model: CLIP, sd: StateDict, name: str, *, strict: bool, old_grid: tuple[int, int] | None = None
+) -> list[str]:
     sd = dict(sd)
     notes = _adapt(sd, model, old_grid, name)
     own = model.state_dict()
     for key, value in sd.items():
         if key in own and own[key].shape != value.shape:
-            raise CheckpointError(f"{name}: shape mismatch at {key!r}: checkpoint {tuple(value.shape)} vs "
-                                  f"model {tuple(own[key].shape)}")
+            raise CheckpointError(
+                f"{name}: shape mismatch at {key!r}: checkpoint {tuple(value.shape)} vs "
+                f"model {tuple(own[key].shape)}"
+            )
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if strict and (missing or unexpected):
         kind, key = ("missing", missing[0]) if missing else ("unexpected", unexpected[0])
         shape = tuple(own[key].shape) if missing else tuple(sd[key].shape)
-        raise CheckpointError(f"{name}: {kind} key {key!r} (shape {shape}); {len(missing)} missing, "
-                              f"{len(unexpected)} unexpected in total")
+        raise CheckpointError(
+            f"{name}: {kind} key {key!r} (shape {shape}); {len(missing)} missing, "
+            f"{len(unexpected)} unexpected in total"
+        )
     if missing:
         notes.append(f"{len(missing)} key(s) kept their initial values, first {missing[0]!r}")
     if unexpected:
@@ -377,12 +424,9 @@ def _load_openai(model: CLIP, sd: StateDict, name: str, *, strict: bool,
     return notes
 
 
-def _grid_hint(source: str | os.PathLike) -> tuple[int, int] | None:
-    cfg = _config_of_directory(Path(source))
-    return cfg.vision.grid_size if cfg is not None else None
-
-
-def load_clip_weights(model: CLIP, source: str | os.PathLike | StateDict, *, strict: bool = True) -> list[str]:
+def load_clip_weights(
+    model: CLIP, source: str | os.PathLike | StateDict, *, strict: bool = True
+) -> list[str]:
     """Load OpenAI / open_clip / HF / IRRA / xmr CLIP weights into `model`; return notes on what was adapted.
 
     The positional grid is resized bicubically when the checkpoint's differs (e.g. 14x14 -> 24x8),
@@ -398,12 +442,14 @@ def load_clip_weights(model: CLIP, source: str | os.PathLike | StateDict, *, str
         sd = to_openai(raw, fmt)
     except CheckpointError as err:
         raise CheckpointError(f"{name}: {err}") from None
-    hint = None if is_dict else _grid_hint(source)
+    source_cfg = None if is_dict else _config_of_directory(Path(source))
+    hint = source_cfg.vision.grid_size if source_cfg is not None else None
     return [f"read {fmt} layout"] + _load_openai(model, sd, name, strict=strict, old_grid=hint)
 
 
-def load_pretrained_clip(path: str | os.PathLike, image_size: tuple[int, int] | None = None,
-                         stride: int | None = None) -> CLIP:
+def load_pretrained_clip(
+    path: str | os.PathLike, image_size: tuple[int, int] | None = None, stride: int | None = None
+) -> CLIP:
     """Build a CLIP shaped like the checkpoint at `path` (at `image_size`/`stride` if given) and load it."""
     raw = read_state_dict(path)
     try:
@@ -464,20 +510,25 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _fill_directory(tmp: Path, config: dict[str, Any], state_dict: StateDict,
-                    extra_files: dict[str, bytes]) -> None:
+def _fill_directory(
+    tmp: Path, config: dict[str, Any], state_dict: StateDict, extra_files: dict[str, bytes]
+) -> None:
     _write_file(tmp / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False).encode())
     save_file(_safetensors_ready(state_dict), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     with open(tmp / WEIGHTS_FILE, "rb") as handle:
         os.fsync(handle.fileno())
     for name, data in extra_files.items():
         if Path(name).name != name or name in (*CONFIG_FILES, WEIGHTS_FILE):
-            raise ValueError(f"extra file name {name!r} must be a plain file name other than the config/weights")
+            raise ValueError(f"extra file {name!r}: use a plain file name other than config/weights")
         _write_file(tmp / name, data)
 
 
-def save_model_dir(directory: str | os.PathLike, config: dict[str, Any], state_dict: StateDict,
-                   extra_files: dict[str, bytes] | None = None) -> Path:
+def save_model_dir(
+    directory: str | os.PathLike,
+    config: dict[str, Any],
+    state_dict: StateDict,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write `config.yaml` + `model.safetensors` (+ extra files) to `directory` atomically.
 
     Everything is written into a temporary sibling directory first; an existing checkpoint is
@@ -520,10 +571,12 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def load_model_dir(directory: str | os.PathLike, weights: bool = True) -> tuple[dict[str, Any], StateDict]:
-    """Read a directory written by `save_model_dir`: (config dict, state dict); weights=False skips the weights."""
+    """Read a directory written by `save_model_dir` -> (config, state dict); weights=False skips weights."""
     directory = Path(directory)
     if not directory.is_dir():
-        leftovers = sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.parent.is_dir() else []
+        leftovers = (
+            sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.parent.is_dir() else []
+        )
         hint = f"; an interrupted save left the previous checkpoint in {leftovers[-1]}" if leftovers else ""
         raise CheckpointError(f"{directory}: checkpoint directory not found{hint}")
     config_path = next((directory / n for n in CONFIG_FILES if (directory / n).is_file()), None)

@@ -37,8 +37,9 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown {cls.__name__} field(s) {[prefix + k for k in unknown]}; "
-                          f"valid: {sorted(names)}")
+        raise ConfigError(
+            f"unknown {cls.__name__} field(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}"
+        )
     return cls(**data)
 
 
@@ -67,7 +68,9 @@ class VisionConfig:
         if self.stride is not None and self.stride <= 0:
             raise ConfigError(f"vision.stride must be positive, got {self.stride}")
         if min(self.image_size) < self.patch_size:
-            raise ConfigError(f"vision.image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+            raise ConfigError(
+                f"vision.image_size {self.image_size} is smaller than patch_size {self.patch_size}"
+            )
         _check_width_heads(self.width, self.heads, "vision")
 
     @property
@@ -92,7 +95,7 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """Text tower: causal transformer pooled at the end-of-text token (argmax id when eot_token_id is None)."""
+    """Text tower: causal transformer pooled at the end-of-text token (argmax id if eot_token_id is None)."""
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -129,8 +132,13 @@ class CLIPConfig:
             raise ConfigError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"embed_dim": self.embed_dim, "vision": self.vision.to_dict(), "text": self.text.to_dict(),
-                "act": self.act, "logit_scale_init": self.logit_scale_init}
+        return {
+            "embed_dim": self.embed_dim,
+            "vision": self.vision.to_dict(),
+            "text": self.text.to_dict(),
+            "act": self.act,
+            "logit_scale_init": self.logit_scale_init,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
@@ -231,8 +239,9 @@ class Attention(nn.Module):
 
     Self-attention when `key`/`value` are None, cross-attention otherwise. `attn_mask` follows
     nn.MultiheadAttention: a bool mask is True where attention is NOT allowed, a float mask is added
-    to the scores; shape (L, S), (B, L, S) or (B, heads, L, S). `key_padding_mask` (B, S) is True at
-    padded keys. `is_causal` masks future positions (query i sees keys 0..i).
+    to the scores; shape (L, S), (B, L, S) (shared by all heads, unlike nn.MultiheadAttention's
+    (B*heads, L, S)) or (B, heads, L, S). `key_padding_mask` (B, S) is True at padded keys.
+    `is_causal` masks future positions (query i sees keys 0..i); it combines with the masks.
     """
 
     def __init__(self, width: int, heads: int) -> None:
@@ -271,9 +280,15 @@ class Attention(nn.Module):
             mask = causal if mask is None else mask + causal
         return mask
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, L, D) queries and optional (B, S, D) keys/values -> (B, L, D)."""
         q, k, v = self._project(query, key, value)
         B, L, _ = q.shape
@@ -296,13 +311,19 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)),
-            ("gelu", make_activation(act)),
-            ("c_proj", nn.Linear(width * 4, width)),
-        ]))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, width * 4)),
+                    ("gelu", make_activation(act)),
+                    ("c_proj", nn.Linear(width * 4, width)),
+                ]
+            )
+        )
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
         return x + self.mlp(self.ln_2(x))
 
@@ -327,7 +348,9 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # Recompute activations in the backward pass only when it saves memory: training with grads.
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.resblocks:
@@ -363,13 +386,16 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         if images.dim() != 4 or tuple(images.shape[-2:]) != self.cfg.image_size:
-            raise ValueError(f"expected images (B, 3, {self.cfg.image_size[0]}, {self.cfg.image_size[1]}), "
-                             f"got {tuple(images.shape)}; resize them or build the model for this size")
+            raise ValueError(
+                f"expected images (B, 3, {self.cfg.image_size[0]}, {self.cfg.image_size[1]}), "
+                f"got {tuple(images.shape)}; resize them or build the model for this size"
+            )
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, width), row-major over the grid
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
-        tokens = self.ln_post(x) @ self.proj  # ln_post and proj apply to every token, not only the class token
+        # ln_post and proj apply to every token, not only the class token (IRRA uses the whole sequence).
+        tokens = self.ln_post(x) @ self.proj
         return EncoderOutput(tokens=tokens, pooled=tokens[:, 0])
 
 
@@ -400,8 +426,9 @@ class _TextTower(nn.Module):
 
     def _forward_text(self, ids: torch.Tensor) -> EncoderOutput:
         if ids.dim() != 2 or ids.shape[1] > self.text_cfg.context_length:
-            raise ValueError(f"expected token ids (B, L) with L <= {self.text_cfg.context_length}, "
-                             f"got {tuple(ids.shape)}")
+            raise ValueError(
+                f"expected token ids (B, L) with L <= {self.text_cfg.context_length}, got {tuple(ids.shape)}"
+            )
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
         x = self.ln_final(self.transformer(x, is_causal=True))
         tokens = x @ self.text_projection
@@ -411,7 +438,9 @@ class _TextTower(nn.Module):
     def _resize_token_embedding(self, new_vocab: int) -> None:
         old = self.token_embedding
         if new_vocab < old.num_embeddings:
-            raise ValueError(f"resize_token_embedding only grows the vocabulary ({old.num_embeddings} -> {new_vocab})")
+            raise ValueError(
+                f"resize_token_embedding only grows the vocabulary ({old.num_embeddings} -> {new_vocab})"
+            )
         new = nn.Embedding(new_vocab, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
         with torch.no_grad():
             nn.init.normal_(new.weight, std=0.02)
