@@ -86,6 +86,24 @@ def test_metrics_match_oracle_with_ties_and_chunks(query_chunk, gallery_chunk):
     assert ours["num_queries"] == 60 and ours["num_gallery"] == 250
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_random_shapes_and_chunks(seed):
+    rng = np.random.default_rng(100 + seed)
+    q, g, d = int(rng.integers(1, 40)), int(rng.integers(1, 120)), int(rng.integers(1, 6))
+    queries, gallery = rng.integers(-1, 2, (q, d)) / 2.0, rng.integers(-1, 2, (g, d)) / 2.0
+    ql, gl = rng.integers(0, 4, q), rng.integers(0, 4, g)
+    ql[0] = gl[0]  # at least one query with a positive
+    query_chunk = int(rng.integers(1, 50))
+    gallery_chunk = None if seed % 3 == 0 else int(rng.integers(1, 50))
+    positives = Positives.from_labels(ql, gl)
+    args = {"normalize": False, "query_chunk": query_chunk, "gallery_chunk": gallery_chunk}
+    ours = retrieval_metrics(torch.tensor(queries), torch.tensor(gallery), ql, gl, **args)
+    assert_same(ours, oracle_metrics(queries @ gallery.T, label_sets(ql, gl)))
+    ranks, _ = positive_ranks(torch.tensor(queries), torch.tensor(gallery), positives, **args)
+    for i, expected in enumerate(oracle_ranks(queries @ gallery.T, label_sets(ql, gl))):
+        assert ranks[i, : len(expected)].tolist() == expected.tolist()
+
+
 def test_all_scores_tied_orders_by_gallery_index():
     gl = np.array([0, 1, 0, 2, 1, 0])
     ql = np.array([0, 1, 2])
@@ -186,6 +204,25 @@ def test_no_query_with_positive_raises():
         retrieval_metrics(torch.ones(2, 3), torch.ones(4, 3), [7, 8], [0, 1, 2, 3])
 
 
+def test_nan_gallery_items_rank_last():
+    queries, gallery, ql, gl = quantised_case(seed=9)
+    broken = np.flatnonzero(~np.isin(gl, ql))[:3]  # items nobody is looking for
+    gallery[broken] = np.nan
+    scores = np.nan_to_num(queries @ gallery.T, nan=-np.inf)  # NaN items after every real score
+    ours = retrieval_metrics(torch.tensor(queries), torch.tensor(gallery), ql, gl, normalize=False,
+                             query_chunk=16, gallery_chunk=32)
+    assert_same(ours, oracle_metrics(scores, label_sets(ql, gl)))
+
+
+def test_nan_item_does_not_hide_a_candidate():
+    # Item 0 is NaN in every row's scores; item 2 outscores query 0's positive (item 1).
+    gallery = torch.tensor([[float("nan"), 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    ours = retrieval_metrics(queries, gallery, [0, 1, 2, 3], [99, 0, 5, 1, 2, 3], normalize=False)
+    assert ours["R1"] == pytest.approx(75.0)
+    assert ours["mAP"] == pytest.approx(100 * (0.5 + 3) / 4)
+
+
 def test_nan_features_raise():
     gallery = torch.ones(4, 3)
     gallery[1, 0] = float("nan")
@@ -209,3 +246,13 @@ def test_topk_bounded_equals_stable_full_sort(k, query_chunk, gallery_chunk):
     # Scores equal torch.topk's (which leaves the order of tied indices unspecified).
     assert torch.equal(scores, full.topk(kk, dim=1).values)
     assert torch.equal(scores, full.gather(1, indices))
+
+
+def test_topk_bounded_streams_a_memmap(tmp_path):
+    queries, gallery, _, _ = quantised_case(seed=8)
+    mm = np.memmap(tmp_path / "g.f32", dtype=np.float32, mode="w+", shape=gallery.shape)
+    mm[:] = gallery
+    scores, indices = topk_bounded(queries.astype(np.float32), mm, 7, 16, 29, normalize=False)
+    stable = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :7]
+    assert indices.tolist() == stable.tolist()
+    assert np.array_equal(scores.numpy(), np.take_along_axis(queries @ gallery.T, stable, 1).astype(np.float32))

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "itc_loss",
-    "sdm_loss",
     "cmpm_loss",
     "id_loss",
-    "mlm_loss",
+    "itc_loss",
     "kl_distillation_loss",
+    "mlm_loss",
     "same_label_matrix",
+    "sdm_loss",
 ]
 
 Scale = float | torch.Tensor

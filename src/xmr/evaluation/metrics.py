@@ -50,7 +50,7 @@ AMX and on GPUs); comparisons are then made on the bf16 scores, which produces m
 exactly by the rule above.
 
 The gallery (and the queries) may be a torch tensor, a numpy array or ``np.memmap``, or anything
-with ``shape``/``len`` and slice indexing (e.g. an h5py dataset): blocks are read one at a time.
+with a 2-D ``shape`` and slice indexing (e.g. an h5py dataset): blocks are read one at a time.
 """
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ import torch.nn.functional as F
 
 __all__ = [
     "Positives",
-    "retrieval_metrics",
+    "order_keys",
+    "positive_ranks",
     "rank_metrics",
     "recall_at_k",
-    "positive_ranks",
+    "retrieval_metrics",
     "topk_bounded",
-    "order_keys",
 ]
 
 _LOW32 = 0xFFFFFFFF
@@ -258,6 +258,18 @@ def _mask_positives(block: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
         block[rows, pos[rows, cols] - offset] = float("-inf")
 
 
+def _candidates(block: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of the block entries ``>= floor[row]``, row-major."""
+    # A row maximum is ~5x cheaper than compare + nonzero: with a good model most rows of most
+    # blocks have nothing above their worst positive and are skipped.
+    top = block.amax(dim=1)
+    active = ((top >= floor) | top.isnan()).nonzero(as_tuple=True)[0]  # NaN hides the row's max
+    if len(active) * 2 > len(block):
+        return (block >= floor[:, None]).nonzero(as_tuple=True)
+    rows, cols = (block[active] >= floor[active, None]).nonzero(as_tuple=True)
+    return active[rows], cols
+
+
 class _PositiveIndex:
     """Answers "how many of row r's positives rank above this candidate?" for many candidates at once.
 
@@ -310,7 +322,7 @@ def _rank_chunk(q: torch.Tensor, gallery: _Rows, pos: torch.Tensor, chunk: int) 
     hist = torch.zeros(len(q) * (width + 1), dtype=torch.int64, device=q.device)  # [row, #pos ahead]
     for offset, block in _gallery_blocks(q, gallery, chunk, first):
         _mask_positives(block, pos, valid, offset)
-        rows, cols = (block >= floor[:, None]).nonzero(as_tuple=True)
+        rows, cols = _candidates(block, floor)
         if len(rows):
             ahead = index.ahead(rows, block[rows, cols], cols + offset)
             hist += torch.bincount(rows * (width + 1) + ahead, minlength=len(hist))
