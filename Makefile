@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev,serve,milvus]" "$(TORCH_SPEC)"
 	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit('torchvision must not be installed (it breaks with this torch)' if u.find_spec('torchvision') else 0)"
 	@touch $(STAMP)
 

@@ -20,37 +20,42 @@ from xmr.engine.optim import build_optimizer
 from xmr.engine.trainer import autocast_dtype
 from xmr.methods import build_method
 
-SHAPES = {"demo": ((192, 64), 48, 64), "ViT-B/16": ((384, 128), 77, 16), "tiny": ((64, 32), 32, 16)}
+# (image size, context length, batch, vocabulary incl. sot/eot/mask): the demo's BPE has ~820 tokens,
+# CLIP's has 49,408 + the added mask token.
+SHAPES = {"demo": ((192, 64), 48, 64, 822), "ViT-B/16": ((384, 128), 77, 16, 49409), "tiny": ((64, 32), 32, 16, 1000)}
 
 
 class _Tokenizer:
-    vocab_size, eot_id = 49409, 49407
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size, self.eot_id = vocab_size, vocab_size - 2
 
 
 def synthetic_batch(image_size, context, batch, vocab, num_classes, seed=0) -> dict[str, torch.Tensor]:
+    """Random images and token ids laid out as the tokenizer does: sot, words, eot, padding; 15% masked."""
+    sot, eot, mask = vocab - 3, vocab - 2, vocab - 1
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 49406, (batch, context), generator=g)
+    ids = torch.randint(1, sot, (batch, context), generator=g)
     lengths = torch.randint(12, context - 1, (batch,), generator=g)
     for row, length in enumerate(lengths.tolist()):
-        ids[row, 0], ids[row, length], ids[row, length + 1:] = 49406, 49407, 0
+        ids[row, 0], ids[row, length], ids[row, length + 1:] = sot, eot, 0
     mlm_labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, torch.zeros_like(ids))
     mlm_labels[:, 0] = 0
-    mlm_ids = torch.where(mlm_labels > 0, torch.full_like(ids, 49408), ids)
+    mlm_ids = torch.where(mlm_labels > 0, torch.full_like(ids, mask), ids)
     return {"images": torch.randn(batch, 3, *image_size, generator=g), "ids": ids,
             "pids": torch.randint(0, num_classes, (batch,), generator=g), "image_ids": torch.arange(batch),
             "mlm_ids": mlm_ids, "mlm_labels": mlm_labels}
 
 
 def measure(model_name: str, precision: str, steps: int, batch_size: int | None) -> dict:
-    image_size, context, default_batch = SHAPES[model_name]
+    image_size, context, default_batch, vocab = SHAPES[model_name]
     batch_size = batch_size or default_batch
     cfg = load_config(None, [f"model.clip={model_name}", f"model.image_size={list(image_size)}",
                              f"data.context_length={context}"])
     torch.manual_seed(0)
     num_classes = 1000
-    model = build_method(cfg, num_classes, _Tokenizer())
+    model = build_method(cfg, num_classes, _Tokenizer(vocab))
     optimizer = build_optimizer(model, OptimConfig(), model.new_module_prefixes())
-    batch = synthetic_batch(image_size, context, batch_size, 49409, num_classes)
+    batch = synthetic_batch(image_size, context, batch_size, vocab, num_classes)
     dtype = autocast_dtype(precision)
     times, losses = [], []
     for step in range(steps + 2):  # two warm-up steps

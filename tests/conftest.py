@@ -55,3 +55,22 @@ def tiny_overrides(data_root: Path, output_dir: Path, **extra: object) -> list[s
 
     return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
             for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def search_model(tiny_pedes, tmp_path_factory) -> Path:
+    """A tiny model trained until it matches the tiny set's training captions to their images (~20 s).
+
+    Search tests query it with training captions over the training images: that checks the whole
+    embed -> index -> search path returns the right identity, not that the tiny model generalises.
+    """
+    from xmr.config import load_config
+    from xmr.experiment import run_training
+
+    run = tmp_path_factory.mktemp("search-model") / "run"
+    cfg = load_config(REPO / "configs/demo.yaml", tiny_overrides(
+        tiny_pedes, run, **{"optim.epochs": 25, "train.max_steps_per_epoch": None, "optim.lr": 1e-3, "model.clip_overrides": {"vision.patch_size": 8},
+                            "loss.names": ["itc"], "model.temperature": 0.05, "train.eval_every": 25,
+                            "train.log_every": 50, "data.erase_p": 0.0}))
+    run_training(cfg)
+    return run / "last"

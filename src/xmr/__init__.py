@@ -1,3 +1,13 @@
 """xmr: cross-modal retrieval toolkit."""
 
 __version__ = "0.1.0"
+
+
+def load(index, checkpoint=None, **kwargs):  # noqa: ANN001, ANN201 - thin lazy re-export
+    """Open an index for search: ``xmr.load("gallery.index").search_text("a man in a red jacket")``.
+
+    See `xmr.retriever.load` for the arguments.
+    """
+    from xmr.retriever import load as _load
+
+    return _load(index, checkpoint, **kwargs)

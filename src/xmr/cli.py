@@ -1,4 +1,4 @@
-"""Command line: `xmr train`, `xmr evaluate`, `xmr demo`.
+"""Command line: `xmr train`, `xmr evaluate`, `xmr demo`; `xmr embed/index/search/serve` live in cli_search.
 
 Errors caused by input (a missing file, a malformed annotation, a wrong checkpoint, a bad config
 key) print one readable line and exit with status 2; `--debug` shows the traceback instead.
@@ -14,10 +14,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from xmr.cli_search import register as register_search_commands
 from xmr.errors import XmrError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="xmr: cross-modal retrieval. Train and evaluate text-to-image retrieval models.")
+                  help="xmr: cross-modal retrieval. Train and evaluate text-to-image retrieval models; embed, index, "
+                       "search and serve your own images.")
 _state = {"debug": False}
 
 
@@ -88,9 +90,12 @@ def demo(
     work_dir: Annotated[Path, typer.Option(help="Where the demo data, model and outputs go.")] = Path(".cache/demo"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config field (section.key=value).")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train again even if a cached model exists.")] = False,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="End by serving the search page over the demo gallery.")] = True,
+    port: Annotated[int, typer.Option(help="Port of the search page (loopback only).")] = 8000,
 ) -> None:
     """End to end on embedded data: generate synthetic pedestrians (CUHK-PEDES layout), train a small IRRA
-    model on CPU (cached after the first run), evaluate it on the test split and draw a top-5 grid."""
+    model on CPU (cached after the first run), evaluate it on the test split, draw a top-5 grid, index the
+    demo gallery and serve the search page on http://127.0.0.1:PORT/ (Ctrl-C stops it)."""
     from xmr.jobs import run_demo
 
     summary = run_demo(config, work_dir, tuple(set_ or []), retrain=retrain)
@@ -101,8 +106,20 @@ def demo(
     typer.echo(f"checkpoint: {summary['checkpoint']}")
     typer.echo(f"metrics:    {summary['report']}")
     typer.echo(f"top-5 grid: {summary['grid']}")
+    typer.echo(f"index:      {summary['index']}")
     Path(summary["run_dir"], "demo_summary.json").write_text(json.dumps(
         {k: v for k, v in summary.items() if k != "table"}, indent=2))
+    if serve:
+        from xmr.retriever import load
+        from xmr.serve import ServeSettings, run
+
+        retriever = load(summary["index"], summary["checkpoint"])
+        typer.echo(f"search page: http://127.0.0.1:{port}/   (try: 'a woman in a pink jacket and white trousers'; "
+                   "Ctrl-C stops)")
+        run(retriever, ServeSettings(host="127.0.0.1", port=port))
+
+
+register_search_commands(app)
 
 
 def main() -> None:

@@ -127,6 +127,26 @@ def run_demo(config_path: str | Path, work_dir: str | Path = ".cache/demo", over
     split = evaluation.split
     chance_r1 = 100.0 * sum(split.image_pids.count(p) for p in split.caption_pids) / (
         len(split.caption_pids) * len(split.image_pids))
+    index_dir = build_gallery_index(checkpoint, data_root / "imgs", run_dir, progress=progress)
     return {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "results": evaluation.results,
             "report": str(evaluation.report_path), "grid": str(grid), "chance_R1": chance_r1,
+            "index": str(index_dir),
             "table": format_table({"demo (t2i, test)": evaluation.results["t2i"]}, title="")}
+
+
+def build_gallery_index(checkpoint: str | Path, images: str | Path, work_dir: str | Path, *,
+                        kind: str = "flat", progress: bool = True) -> Path:
+    """Embed a folder of images with `checkpoint` and index them (both steps reuse what is already done)."""
+    from xmr.embed import embed_images, model_fingerprint
+    from xmr.index import read_manifest
+    from xmr.indexing import add_to_index, build_index
+
+    work_dir = Path(work_dir)
+    model_id = model_fingerprint(checkpoint)
+    embeddings, index_dir = work_dir / f"gallery-{model_id}.emb", work_dir / f"gallery-{model_id}.index"
+    embed_images(images, checkpoint, embeddings, progress=progress, num_workers=1)
+    if (index_dir / "CURRENT").is_file() and read_manifest(index_dir).model_id == model_id:
+        add_to_index(index_dir, [embeddings])
+    else:
+        build_index([embeddings], index_dir, kind=kind)
+    return index_dir

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-CORRECT, WRONG = (30, 170, 60), (210, 40, 40)
+CORRECT, WRONG, UNKNOWN = (30, 170, 60), (210, 40, 40), (120, 120, 120)
 
 
-def result_grid(queries: Sequence[str], results: Sequence[Sequence[str]], correct: Sequence[Sequence[bool]],
+def result_grid(queries: Sequence[str], results: Sequence[Sequence[str]], correct: Sequence[Sequence[bool | None]] | None,
                 out_path: str | Path, *, scores: Sequence[Sequence[float]] | None = None,
                 thumb: tuple[int, int] = (192, 64), text_width: int = 300) -> Path:
-    """One row per query: its text, then the ranked images outlined green (correct) or red (wrong)."""
+    """One row per query: its text, then the ranked images outlined green (correct), red (wrong) or grey
+    (not known, e.g. a search of unlabelled images: pass correct=None)."""
     th, tw = thumb
     k = max((len(r) for r in results), default=0)
     pad, border, label_h = 8, 4, 16
@@ -29,7 +30,8 @@ def result_grid(queries: Sequence[str], results: Sequence[Sequence[str]], correc
         draw.multiline_text((pad, y), wrapped, fill="black", font=font, spacing=2)
         for col, path in enumerate(results[row]):
             x = text_width + col * (tw + 2 * border + pad)
-            colour = CORRECT if correct[row][col] else WRONG
+            flag = None if correct is None else correct[row][col]
+            colour = UNKNOWN if flag is None else CORRECT if flag else WRONG
             draw.rectangle([x, y, x + tw + 2 * border - 1, y + th + 2 * border - 1], fill=colour)
             with Image.open(path) as image:
                 canvas.paste(image.convert("RGB").resize((tw, th), Image.BICUBIC), (x + border, y + border))

@@ -1,0 +1,196 @@
+"""Command line for searching your own images: `xmr embed`, `xmr index ...`, `xmr search`, `xmr serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from xmr.errors import XmrError
+
+index_app = typer.Typer(no_args_is_help=True, help="Build, update and inspect search indexes.")
+
+Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 autocast for encoding.")]
+ComposeOpt = Annotated[Optional[str], typer.Option(
+    "--compose", help="For models without native image+text queries: 'sum' enables the late-fusion baseline "
+                      "normalise(f_image + f_text). Default: refuse such queries.")]
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise typer.BadParameter("use fp32, bf16 or fp16", param_hint="--precision")
+
+
+def _parse_params(items: list[str] | None) -> dict:
+    params: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise XmrError(f"--param {item!r}: expected key=value, e.g. M=32")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def embed(
+    images: Annotated[Path, typer.Argument(help="A folder of images (walked recursively) or a list file, one path a line.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="xmr checkpoint dir that embeds the images.")],
+    out: Annotated[Path, typer.Option("--out", help="Embedding directory (created, or resumed if it exists).")],
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 2,
+    precision: Precision = "bf16",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    shard: Annotated[Optional[str], typer.Option(help="Embed only part i of n of the sorted listing ('i/n'); merge the parts with `xmr index build`. Under torchrun it defaults to RANK/WORLD_SIZE, written to OUT/shard-RANK.")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Images per saved chunk (what a killed run can lose).")] = 1024,
+) -> None:
+    """Embed every image of a folder into OUT. Unreadable files are skipped and listed in OUT/failed.jsonl.
+    Killed? Run the same command again: it continues where it stopped, embedding each image exactly once."""
+    from xmr.embed import embed_images, parse_shard
+
+    _check_precision(precision)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard is None and world > 1:
+        rank = int(os.environ.get("RANK", "0"))
+        shard, out = f"{rank}/{world}", out / f"shard-{rank:03d}"
+    result = embed_images(images, checkpoint, out, batch_size=batch_size, num_workers=workers,
+                          precision=precision, device=device, shard=parse_shard(shard), chunk_size=chunk_size)
+    rate = result.embedded / result.seconds if result.seconds else 0.0
+    typer.echo(f"{result.directory}: {result.embedded} embedded ({rate:.1f} img/s), {result.already_done} "
+               f"already done, {len(result.failed)} unreadable (of {result.total})")
+    for failure in result.failed[:10]:
+        typer.echo(f"  skipped: {failure['error']}")
+
+
+@index_app.command("build")
+def index_build(
+    embeddings: Annotated[list[Path], typer.Argument(help="Embedding dirs (or a parent of shard-* dirs).")],
+    out: Annotated[Path, typer.Option("--out", help="New index directory.")],
+    backend: Annotated[str, typer.Option(help="faiss (embedded default) or milvus (Milvus Lite file, or a server via --param uri=...).")] = "faiss",
+    kind: Annotated[str, typer.Option(help="faiss: flat (exact) | hnsw | ivfpq; milvus: FLAT | HNSW | IVF_FLAT.")] = "flat",
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Index parameter key=value (repeatable): hnsw M, efConstruction, efSearch; ivfpq nlist, m, nbits, nprobe, rerank; milvus uri, token, collection.")] = None,
+) -> None:
+    """Create an index from embedding directories (shards of one run merge into one index)."""
+    from xmr.indexing import build_index
+
+    update = build_index(embeddings, out, backend=backend, kind=kind, params=_parse_params(param))
+    typer.echo(f"{update.index}: {update.count} items ({update.skipped} duplicates skipped)")
+
+
+@index_app.command("add")
+def index_add(
+    index: Annotated[Path, typer.Argument(help="Existing index directory.")],
+    embeddings: Annotated[list[Path], typer.Argument(help="Embedding dirs with new images.")],
+) -> None:
+    """Add new images to an index without rebuilding it (images already indexed are skipped)."""
+    from xmr.indexing import add_to_index
+
+    update = add_to_index(index, embeddings)
+    typer.echo(f"{update.index}: +{update.added} ({update.skipped} already there), {update.count} items")
+
+
+@index_app.command("remove")
+def index_remove(
+    index: Annotated[Path, typer.Argument(help="Existing index directory.")],
+    items: Annotated[list[str], typer.Argument(help="Image paths (relative, as `xmr index info --list` shows) or ids.")],
+) -> None:
+    """Remove images from an index (saved atomically; the previous version stays valid until the switch)."""
+    from xmr.indexing import remove_from_index
+
+    update = remove_from_index(index, items)
+    typer.echo(f"{update.index}: -{update.removed}, {update.count} items")
+
+
+@index_app.command("info")
+def index_info(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    list_items: Annotated[bool, typer.Option("--list", help="Also print every id and path.")] = False,
+) -> None:
+    """Print an index's manifest (model, backend, kind, parameters, count)."""
+    from dataclasses import asdict
+
+    from xmr.index import open_index
+
+    opened = open_index(index)
+    typer.echo(json.dumps(asdict(opened.manifest), indent=2))
+    if list_items:
+        for id_, path in opened.items():
+            typer.echo(f"{id_}\t{path}")
+
+
+def search(
+    index: Annotated[Path, typer.Argument(help="Index directory (from `xmr index build`).")],
+    text: Annotated[Optional[str], typer.Argument(help="Query sentence (or the modification text with --image).")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Query image; with TEXT it is a composed query.")] = None,
+    k: Annotated[int, typer.Option("-k", "--top", help="Results to return.")] = 10,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the one that built the index).")] = None,
+    grid: Annotated[Optional[Path], typer.Option(help="Also write a PNG grid of the results here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    compose: ComposeOpt = None,
+    precision: Precision = "bf16",
+) -> None:
+    """Search an index by a sentence, by an example image, or by an image plus a sentence that changes it."""
+    from xmr.data.images import load_image
+    from xmr.retriever import load
+
+    _check_precision(precision)
+    if k < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="-k")
+    if text is None and image is None:
+        raise typer.BadParameter("give a query TEXT, --image, or both")
+    retriever = load(index, checkpoint, precision=precision, compose=compose)
+    if image is not None:
+        query_image = load_image(image)
+        hits = (retriever.search_composed(query_image, text, k) if text
+                else retriever.search_image(query_image, k))
+    else:
+        hits = retriever.search_text(text, k)
+    query = " + ".join(str(q) for q in (image, text) if q)
+    if as_json:
+        typer.echo(json.dumps({"query": query, "results": [h.__dict__ for h in hits]}, indent=2))
+    else:
+        typer.echo(f"query: {query}")
+        typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>7}  path")
+        for rank, hit in enumerate(hits, 1):
+            typer.echo(f"{rank:>4}  {hit.score:>7.4f}  {hit.id:>7}  {hit.path}")
+    if grid is not None:
+        from xmr.viz import result_grid
+
+        paths = [str(retriever.image_path(h.id)) for h in hits]
+        result_grid([query], [paths], None, grid,
+                    scores=[[h.score for h in hits]])
+        typer.echo(f"grid: {grid}")
+
+
+def serve(
+    index: Annotated[Path, typer.Argument(help="Index directory to serve.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the one that built the index).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="XMR_API_KEY", help="Require this key in the X-API-Key header (or set XMR_API_KEY).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 10.0,
+    max_concurrency: Annotated[int, typer.Option(help="Queries encoded at once; more wait in a bounded queue.")] = 2,
+    compose: ComposeOpt = None,
+    precision: Precision = "bf16",
+) -> None:
+    """Serve the search page and JSON API (OpenAPI docs at /docs) over an index."""
+    from xmr.retriever import load
+    from xmr.serve import ServeSettings, run
+
+    _check_precision(precision)
+    retriever = load(index, checkpoint, precision=precision, compose=compose)
+    settings = ServeSettings(host=host, port=port, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20),
+                             max_concurrency=max_concurrency)
+    typer.echo(f"serving {len(retriever)} images on http://{host}:{port}/  (API docs: /docs)")
+    run(retriever, settings)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(embed)
+    app.command()(search)
+    app.command()(serve)
+    app.add_typer(index_app, name="index")
