@@ -69,8 +69,38 @@ def search_model(tiny_pedes, tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("search-model") / "run"
     cfg = load_config(REPO / "configs/demo.yaml", tiny_overrides(
-        tiny_pedes, run, **{"optim.epochs": 25, "train.max_steps_per_epoch": None, "optim.lr": 1e-3, "model.clip_overrides": {"vision.patch_size": 8},
-                            "loss.names": ["itc"], "model.temperature": 0.05, "train.eval_every": 25,
+        tiny_pedes, run, **{"optim.epochs": 25, "train.max_steps_per_epoch": None, "optim.lr": 1e-3,
+                            "model.clip_overrides": {"vision.patch_size": 8}, "loss.names": ["itc"], "model.temperature": 0.05, "train.eval_every": 25,
                             "train.log_every": 50, "data.erase_p": 0.0}))
     run_training(cfg)
     return run / "last"
+
+
+@pytest.fixture(scope="session")
+def train_gallery(tiny_pedes, tmp_path_factory) -> tuple[Path, dict[str, int], list]:
+    """The tiny set's training images in a folder, their identities, and the training captions."""
+    import shutil
+
+    from xmr.data.formats import load_dataset
+
+    root = tmp_path_factory.mktemp("train-gallery")
+    records = load_dataset("cuhk_pedes", tiny_pedes).train
+    pid_of = {}
+    for record in records:
+        name = Path(record.image_path).name
+        if name not in pid_of:
+            shutil.copy(record.image_path, root / name)
+            pid_of[name] = record.pid
+    return root, pid_of, records
+
+
+@pytest.fixture(scope="session")
+def index_dir(search_model, train_gallery, tmp_path_factory) -> Path:
+    from xmr.embed import embed_images
+    from xmr.indexing import build_index
+
+    root, _, _ = train_gallery
+    work = tmp_path_factory.mktemp("index")
+    embed_images(root, search_model, work / "emb", num_workers=0, progress=False)
+    build_index([work / "emb"], work / "gallery.index")
+    return work / "gallery.index"

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, tiny_overrides
 
 
 def xmr(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xmr.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "xmr.cli", *args], capture_output=True, check=False, text=True,
                           timeout=timeout, cwd=REPO)
 
 

@@ -1,11 +1,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from xmr.config import ExperimentConfig, load_config, parse_override
 from xmr.errors import ConfigError
-
-from conftest import REPO
 
 
 def test_paper_recipes_load_with_paper_values():

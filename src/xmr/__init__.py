@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-def load(index, checkpoint=None, **kwargs):  # noqa: ANN001, ANN201 - thin lazy re-export
+def load(index, checkpoint=None, **kwargs):
     """Open an index for search: ``xmr.load("gallery.index").search_text("a man in a red jacket")``.
 
     See `xmr.retriever.load` for the arguments.

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -34,8 +34,8 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 @app.command()
 def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML, e.g. configs/irra/cuhk_pedes.yaml.")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config field: section.key=value (repeatable), e.g. --set optim.lr=3e-4 --set data.root=/data/CUHK-PEDES.")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Continue from a `last/` checkpoint dir, or 'auto' for this run's own.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config field: section.key=value (repeatable), e.g. --set optim.lr=3e-4 --set data.root=/data/CUHK-PEDES.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue from a `last/` checkpoint dir, or 'auto' for this run's own.")] = None,
 ) -> None:
     """Train a method. Writes `last/` (every epoch, resumable) and `best/` (by validation Rank-1),
     metrics.jsonl, TensorBoard logs and the resolved config.yaml into train.output_dir.
@@ -62,10 +62,10 @@ def train(
 def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="An xmr checkpoint dir (a run's best/ or last/).")],
     data: Annotated[Path, typer.Option("--data", help="Data set root (CUHK-PEDES, ICFG-PEDES, RSTPReid or a folder data set).")],
-    data_format: Annotated[Optional[str], typer.Option("--format", help="cuhk_pedes | icfg_pedes | rstpreid | folder (default: detected).")] = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="cuhk_pedes | icfg_pedes | rstpreid | folder (default: detected).")] = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     i2t: Annotated[bool, typer.Option("--i2t", help="Also report image-to-text retrieval.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="JSON report path (default: <checkpoint>/eval_<split>.json).")] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON report path (default: <checkpoint>/eval_<split>.json).")] = None,
     batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 128,
     workers: Annotated[int, typer.Option(help="Image loading worker processes.")] = 2,
     precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 autocast for encoding.")] = "bf16",
@@ -88,7 +88,7 @@ def evaluate(
 def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="Demo recipe.")] = Path("configs/demo.yaml"),
     work_dir: Annotated[Path, typer.Option(help="Where the demo data, model and outputs go.")] = Path(".cache/demo"),
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config field (section.key=value).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config field (section.key=value).")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train again even if a cached model exists.")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="End by serving the search page over the demo gallery.")] = True,
     port: Annotated[int, typer.Option(help="Port of the search page (loopback only).")] = 8000,
@@ -110,13 +110,16 @@ def demo(
     Path(summary["run_dir"], "demo_summary.json").write_text(json.dumps(
         {k: v for k, v in summary.items() if k != "table"}, indent=2))
     if serve:
+        from xmr.cli_search import limit_threads_per_query
         from xmr.retriever import load
         from xmr.serve import ServeSettings, run
 
+        settings = ServeSettings(host="127.0.0.1", port=port)
+        limit_threads_per_query(settings.max_concurrency)
         retriever = load(summary["index"], summary["checkpoint"])
         typer.echo(f"search page: http://127.0.0.1:{port}/   (try: 'a woman in a pink jacket and white trousers'; "
                    "Ctrl-C stops)")
-        run(retriever, ServeSettings(host="127.0.0.1", port=port))
+        run(retriever, settings)
 
 
 register_search_commands(app)

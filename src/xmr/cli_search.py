@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,7 +14,7 @@ from xmr.errors import XmrError
 index_app = typer.Typer(no_args_is_help=True, help="Build, update and inspect search indexes.")
 
 Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 autocast for encoding.")]
-ComposeOpt = Annotated[Optional[str], typer.Option(
+ComposeOpt = Annotated[str | None, typer.Option(
     "--compose", help="For models without native image+text queries: 'sum' enables the late-fusion baseline "
                       "normalise(f_image + f_text). Default: refuse such queries.")]
 
@@ -45,7 +45,7 @@ def embed(
     workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 2,
     precision: Precision = "bf16",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    shard: Annotated[Optional[str], typer.Option(help="Embed only part i of n of the sorted listing ('i/n'); merge the parts with `xmr index build`. Under torchrun it defaults to RANK/WORLD_SIZE, written to OUT/shard-RANK.")] = None,
+    shard: Annotated[str | None, typer.Option(help="Embed only part i of n of the sorted listing ('i/n'); merge the parts with `xmr index build`. Under torchrun it defaults to RANK/WORLD_SIZE, written to OUT/shard-RANK.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Images per saved chunk (what a killed run can lose).")] = 1024,
 ) -> None:
     """Embed every image of a folder into OUT. Unreadable files are skipped and listed in OUT/failed.jsonl.
@@ -72,7 +72,7 @@ def index_build(
     out: Annotated[Path, typer.Option("--out", help="New index directory.")],
     backend: Annotated[str, typer.Option(help="faiss (embedded default) or milvus (Milvus Lite file, or a server via --param uri=...).")] = "faiss",
     kind: Annotated[str, typer.Option(help="faiss: flat (exact) | hnsw | ivfpq; milvus: FLAT | HNSW | IVF_FLAT.")] = "flat",
-    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Index parameter key=value (repeatable): hnsw M, efConstruction, efSearch; ivfpq nlist, m, nbits, nprobe, rerank; milvus uri, token, collection.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Index parameter key=value (repeatable): hnsw M, efConstruction, efSearch; ivfpq nlist, m, nbits, nprobe, rerank; milvus uri, token, collection.")] = None,
 ) -> None:
     """Create an index from embedding directories (shards of one run merge into one index)."""
     from xmr.indexing import build_index
@@ -124,11 +124,11 @@ def index_info(
 
 def search(
     index: Annotated[Path, typer.Argument(help="Index directory (from `xmr index build`).")],
-    text: Annotated[Optional[str], typer.Argument(help="Query sentence (or the modification text with --image).")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="Query image; with TEXT it is a composed query.")] = None,
+    text: Annotated[str | None, typer.Argument(help="Query sentence (or the modification text with --image).")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Query image; with TEXT it is a composed query.")] = None,
     k: Annotated[int, typer.Option("-k", "--top", help="Results to return.")] = 10,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the one that built the index).")] = None,
-    grid: Annotated[Optional[Path], typer.Option(help="Also write a PNG grid of the results here.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (default: the one that built the index).")] = None,
+    grid: Annotated[Path | None, typer.Option(help="Also write a PNG grid of the results here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     compose: ComposeOpt = None,
     precision: Precision = "bf16",
@@ -168,25 +168,37 @@ def search(
 
 def serve(
     index: Annotated[Path, typer.Argument(help="Index directory to serve.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the one that built the index).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (default: the one that built the index).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(envvar="XMR_API_KEY", help="Require this key in the X-API-Key header (or set XMR_API_KEY).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="XMR_API_KEY", help="Require this key in the X-API-Key header (or set XMR_API_KEY).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 10.0,
     max_concurrency: Annotated[int, typer.Option(help="Queries encoded at once; more wait in a bounded queue.")] = 2,
     compose: ComposeOpt = None,
     precision: Precision = "bf16",
 ) -> None:
-    """Serve the search page and JSON API (OpenAPI docs at /docs) over an index."""
+    """Serve the search page and JSON API (OpenAPI docs at /docs) over an index.
+
+    Further limits are read from XMR_SERVE_<FIELD> variables, e.g. XMR_SERVE_MAX_K=50.
+    """
     from xmr.retriever import load
     from xmr.serve import ServeSettings, run
 
     _check_precision(precision)
+    limit_threads_per_query(max_concurrency)
     retriever = load(index, checkpoint, precision=precision, compose=compose)
-    settings = ServeSettings(host=host, port=port, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20),
-                             max_concurrency=max_concurrency)
+    # Other limits (max_k, max_text_chars, max_image_pixels, ...) come from XMR_SERVE_<FIELD> variables.
+    settings = ServeSettings.from_env(host=host, port=port, api_key=api_key,
+                                      max_upload_bytes=int(max_upload_mb * 2**20), max_concurrency=max_concurrency)
     typer.echo(f"serving {len(retriever)} images on http://{host}:{port}/  (API docs: /docs)")
     run(retriever, settings)
+
+
+def limit_threads_per_query(max_concurrency: int) -> None:
+    """Give each concurrent query its share of the cores: oversubscribed torch threads slow every query."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, max_concurrency)))
 
 
 def register(app: typer.Typer) -> None:

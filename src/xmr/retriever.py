@@ -115,7 +115,7 @@ class Retriever:
             fused = self.encode_images([image]) + self.encode_texts([text])
             return fused / np.linalg.norm(fused, axis=-1, keepdims=True).clip(1e-12)
         raise UnsupportedQuery(
-            f"the model of {self.model.path} ({getattr(method, 'name', type(method).__name__)}) cannot compose "
+            f"this model ({getattr(method, 'name', type(method).__name__)}, a text-to-image model) cannot compose "
             "an image with a modifying text; search by text or by image, use a composed-retrieval model, or "
             "enable the late-fusion baseline (--compose sum)")
 

@@ -35,7 +35,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, new_module_prefixes: Seq
     groups = build_param_groups(model, cfg, new_module_prefixes)
     for group in groups:
         group.pop("names")
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
     return torch.optim.Adam(groups, **kwargs)

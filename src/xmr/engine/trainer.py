@@ -77,14 +77,14 @@ class Trainer:
         train_cfg: TrainConfig,
         *,
         device: torch.device,
-        dist_info: DistInfo = DistInfo(),
+        dist_info: DistInfo | None = None,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         checkpoint_config: dict[str, Any] | None = None,
         checkpoint_files: dict[str, bytes] | None = None,
         samples_per_step: int = 1,
     ) -> None:
         self.module = model.to(device)
-        self.device, self.dist = device, dist_info
+        self.device, self.dist = device, dist_info or DistInfo()
         self.optim_cfg, self.cfg = optim_cfg, train_cfg
         self.epoch_batches, self.evaluate_fn = epoch_batches, evaluate
         self.steps_per_epoch = steps_per_epoch

@@ -1,0 +1,425 @@
+"""In-process FAISS backend: exact `flat`, graph-based `hnsw`, compressed `ivfpq`.
+
+All kinds keep the float32 vectors themselves (vectors.npy): flat searches them directly, hnsw
+needs them to rebuild without removed items, ivfpq re-ranks its approximate candidates exactly.
+
+* flat: exact top-k by brute force (FAISS's blocked BLAS kernel), chunk by chunk over a
+  memory-mapped vectors.npy when opened with mmap=True, so memory stays bounded.
+* hnsw: IndexHNSWFlat; FAISS cannot delete from the graph, so removed rows are tombstones that a
+  bitmap selector hides from results, and save() rebuilds the graph without them (a full rebuild:
+  slow for millions of vectors). Its vectors.npy is always memory-mapped after loading, since the
+  graph holds its own copy for search.
+* ivfpq: IndexIVFPQ with our ids as labels (native remove_ids). Training needs data, so until
+  `train_min` vectors have been added the index *buffers*: searches are exact over the stored
+  vectors, and the add that reaches `train_min` trains on (a sample of) everything added so far.
+  Candidates are re-ranked by exact inner product over the stored vectors (`rerank`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xmr.index import storage
+from xmr.index.base import BaseIndex, IndexStoreError, Manifest, RowTable, check_params, empty_results
+
+__all__ = ["KINDS", "FaissIndex"]
+
+KINDS: dict[str, dict[str, Any]] = {
+    "flat": {},
+    "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128},
+    # m=None: chosen from dim; rerank=None: 4*k candidates; train_min/train_max=None: from nlist, nbits
+    "ivfpq": {"nlist": 1024, "m": None, "nbits": 8, "nprobe": 16, "rerank": None, "train_min": None,
+              "train_max": None},
+}
+MMAP_BLOCK_ROWS = 65_536  # rows searched at once from a memory-mapped file (128 MiB at 512-d)
+FAISS_MIN_BATCH = 20  # below this many queries numpy searches flat blocks faster
+FAISS_FILE = "faiss.index"
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as e:
+        raise IndexStoreError("the faiss index backend needs FAISS: pip install faiss-cpu") from e
+    return faiss
+
+
+# ----------------------------------------------------------------------------------------------
+# Vector rows
+# ----------------------------------------------------------------------------------------------
+class _Vectors:
+    """Float32 rows: an optional memory-mapped base plus appended in-memory parts.
+
+    Appended parts are merged like a binary counter (a part absorbs the next when it is at most
+    twice as big), so there are O(log n) parts and adding n rows in chunks copies O(n log n).
+    """
+
+    def __init__(self, dim: int, base: np.ndarray | None = None) -> None:
+        self.dim = dim
+        self.parts: list[np.ndarray] = [] if base is None or len(base) == 0 else [base]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def append(self, arr: np.ndarray) -> None:
+        parts = self.parts + [np.array(arr, dtype=np.float32, copy=True)]
+        while (len(parts) >= 2 and not _is_mapped(parts[-2]) and len(parts[-2]) <= 2 * len(parts[-1])):
+            parts[-2:] = [np.concatenate(parts[-2:])]
+        self.parts = parts  # one assignment: concurrent searches see the old or the new list
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, contiguous block); memory-mapped parts come in bounded blocks."""
+        start = 0
+        for part in self.parts:
+            step = MMAP_BLOCK_ROWS if _is_mapped(part) else max(len(part), 1)
+            for s in range(0, len(part), step):
+                yield start + s, part[s : s + step]
+            start += len(part)
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows by index (any shape of valid row numbers) -> (*rows.shape, dim)."""
+        flat = rows.reshape(-1)
+        out = np.empty((len(flat), self.dim), dtype=np.float32)
+        start = 0
+        for part in self.parts:
+            sel = np.flatnonzero((flat >= start) & (flat < start + len(part)))
+            if len(sel):
+                order = np.argsort(flat[sel])  # sorted reads are kinder to a memory-mapped file
+                out[sel[order]] = part[flat[sel[order]] - start]
+            start += len(part)
+        return out.reshape(*rows.shape, self.dim)
+
+    def live_chunks(self, mask: np.ndarray | None, chunk: int = MMAP_BLOCK_ROWS) -> Iterator[np.ndarray]:
+        """The rows where mask is True (all when None), in order, as contiguous chunks."""
+        start = 0
+        for part in self.parts:
+            for s in range(0, len(part), chunk):
+                block = part[s : s + chunk]
+                if mask is not None:
+                    block = block[mask[start + s : start + s + len(block)]]
+                if len(block):
+                    yield np.ascontiguousarray(block)
+            start += len(part)
+
+    def write_npy(self, path: Path, mask: np.ndarray | None) -> None:
+        """Stream the selected rows into a .npy file without building them in memory."""
+        n = self.rows if mask is None else int(mask.sum())
+        if n == 0:
+            storage.write_npy(path, np.empty((0, self.dim), dtype=np.float32))
+            return
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, self.dim))
+        at = 0
+        for block in self.live_chunks(mask):
+            out[at : at + len(block)] = block
+            at += len(block)
+        out.flush()
+        del out
+
+
+def _faiss_topk(queries: np.ndarray, block: np.ndarray, k: int, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows of one block by FAISS's blocked BLAS kernel, over-fetching past the tombstones."""
+    faiss = _faiss()
+    kk = min(len(block), k + len(dead))
+    scores, rows = faiss.knn(queries, block, kk, metric=faiss.METRIC_INNER_PRODUCT)
+    if len(dead):
+        hidden = np.isin(rows, dead)
+        scores[hidden], rows[hidden] = -np.inf, -1
+    return scores, rows
+
+
+def _numpy_topk(queries: np.ndarray, block: np.ndarray, k: int, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows of one block by a matmul and argpartition (unsorted; the merge sorts)."""
+    sim = queries @ block.T
+    sim[:, dead] = -np.inf
+    kk = min(len(block), k)
+    rows = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+    scores = np.take_along_axis(sim, rows, axis=1)
+    return scores, np.where(np.isneginf(scores), -1, rows)
+
+
+def _is_mapped(a: np.ndarray) -> bool:
+    return isinstance(a, np.memmap) or isinstance(getattr(a, "base", None), np.memmap)
+
+
+def _merge_topk(best: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the k highest scores of two (n, *) candidate sets; stable, so earlier rows win ties."""
+    scores = np.concatenate([best[0], new[0]], axis=1)
+    rows = np.concatenate([best[1], new[1]], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Index
+# ----------------------------------------------------------------------------------------------
+class FaissIndex(BaseIndex):
+    """See the module docstring. Create with `xmr.index.create_index`, open with `open_index`."""
+
+    def __init__(self, manifest: Manifest, table: RowTable, vectors: _Vectors, index: Any,
+                 directory: Path | None, mmap: bool) -> None:
+        super().__init__(manifest, table, directory)
+        self._vectors = vectors
+        self._index = index  # None for flat
+        self._mmap = mmap
+        self._selector: tuple[int, int, Any, Any] | None = None  # (rows, dead, bitmap, selector)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, manifest: Manifest, params: dict[str, Any] | None) -> FaissIndex:
+        faiss = _faiss()
+        kind = manifest.kind.lower()
+        if kind not in KINDS:
+            raise IndexStoreError(f"kind={manifest.kind!r}: the faiss backend offers {sorted(KINDS)}")
+        manifest.kind = kind
+        manifest.params = _resolve_params(kind, manifest.dim, params)
+        index = _new_faiss_index(faiss, kind, manifest.dim, manifest.params)
+        return cls(manifest, RowTable(), _Vectors(manifest.dim), index, None, mmap=False)
+
+    @classmethod
+    def load(cls, folder: Path, manifest: Manifest, directory: Path, *, mmap: bool = False) -> FaissIndex:
+        kind = manifest.kind
+        if kind not in KINDS:
+            raise IndexStoreError(f"{folder / storage.MANIFEST}: kind {kind!r} is not a faiss kind {sorted(KINDS)}")
+        manifest.params = _resolve_params(kind, manifest.dim, manifest.params, source=str(folder / storage.MANIFEST))
+        table = storage.load_table(folder, manifest)
+        path = folder / "vectors.npy"
+        vectors = storage.load_npy(path, mmap=mmap or kind == "hnsw", dtype=np.float32, ndim=2)
+        if vectors.shape != (table.rows, manifest.dim):
+            raise IndexStoreError(f"{path}: shape {vectors.shape} does not match the {table.rows} ids of dimension "
+                                  f"{manifest.dim}; the index is corrupt, rebuild it")
+        index = None if kind == "flat" else _read_faiss(folder / FAISS_FILE, manifest, table)
+        return cls(manifest, table, _Vectors(manifest.dim, vectors), index, directory, mmap)
+
+    # -- mutation hooks ----------------------------------------------------------------------------
+    def _add_rows(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        kind = self.manifest.kind
+        if kind == "hnsw":
+            self._index.add(vectors)  # labels = row numbers: the graph is append-only like our rows
+        elif kind == "ivfpq" and self._index.is_trained:
+            self._index.add_with_ids(vectors, ids)
+        self._vectors.append(vectors)
+        if kind == "ivfpq" and not self._index.is_trained and len(self._table) >= self.manifest.params["train_min"]:
+            self._train_ivfpq()
+
+    def _remove_rows(self, rows: np.ndarray, ids: np.ndarray) -> None:
+        if self.manifest.kind == "ivfpq" and self._index.is_trained:
+            self._index.remove_ids(ids)
+        # flat and hnsw: the tombstones in the row table hide the rows until save() compacts them
+
+    def _train_ivfpq(self) -> None:
+        p, table = self.manifest.params, self._table
+        live = np.flatnonzero(table.live_mask()) if table.dead else np.arange(table.rows)
+        rng = np.random.default_rng(0)  # a fixed sample: the same data trains the same index
+        sample = np.sort(rng.choice(live, p["train_max"], replace=False)) if len(live) > p["train_max"] else live
+        self._index.train(self._vectors.gather(sample))
+        mask = table.live_mask()
+        ids = table.row_ids if mask is None else table.row_ids[mask]
+        at = 0
+        for block in self._vectors.live_chunks(mask):
+            self._index.add_with_ids(block, ids[at : at + len(block)])
+            at += len(block)
+
+    # -- search ------------------------------------------------------------------------------------
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        kind = self.manifest.kind
+        if kind == "hnsw":
+            scores, rows = self._search_hnsw(queries, k)
+            return self._rows_to_ids(scores, rows)
+        if kind == "ivfpq" and self._index.is_trained:
+            return self._search_ivfpq(queries, k)
+        return self._rows_to_ids(*self._search_exact(queries, k))
+
+    def _rows_to_ids(self, scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        table = self._table
+        valid = (rows >= 0) & np.isfinite(scores)
+        if table.dead:  # belt and braces: a tombstoned row must never come out
+            valid &= ~np.isin(rows, table.dead_rows())
+        ids = np.where(valid, table.row_ids[np.where(valid, rows, 0)], -1)
+        scores = np.where(valid, scores, -np.inf).astype(np.float32)
+        order = np.argsort(~valid, axis=1, kind="stable")  # pushes holes to the end, keeps score order
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+    def _search_exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over all rows, block by block, skipping tombstones: (scores, rows)."""
+        dead = self._table.dead_rows() if self._table.dead else np.empty(0, np.int64)
+        # FAISS's kernel is single-threaded per query below 20 queries; numpy's BLAS matvec is not
+        block_topk = _numpy_topk if len(queries) < FAISS_MIN_BATCH else _faiss_topk
+        best = empty_results(len(queries), k)
+        for start, block in self._vectors.blocks():
+            lo, hi = np.searchsorted(dead, [start, start + len(block)])
+            scores, rows = block_topk(queries, block, k, dead[lo:hi] - start)
+            best = _merge_topk(best, (scores, np.where(rows >= 0, rows + start, -1)), k)
+        return best
+
+    def _hnsw_selector(self) -> tuple[int, int, np.ndarray, Any]:
+        """A bitmap of live rows for FAISS's search-time filter, rebuilt when rows or tombstones change.
+
+        Returns the whole cache entry: the caller holds it while searching, since the selector only
+        points into the bitmap (a concurrent rebuild must not free it mid-search).
+        """
+        table = self._table
+        cached = self._selector
+        if cached is not None and cached[0] == table.rows and cached[1] == len(table.dead):
+            return cached
+        faiss = _faiss()
+        bitmap = np.packbits(table.live_mask(), bitorder="little")
+        cached = (table.rows, len(table.dead), bitmap, faiss.IDSelectorBitmap(table.rows, faiss.swig_ptr(bitmap)))
+        self._selector = cached
+        return cached
+
+    def _search_hnsw(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss = _faiss()
+        params = faiss.SearchParametersHNSW()
+        ef = max(self.manifest.params["efSearch"], k)
+        params.efSearch = ef
+        keep_alive = self._hnsw_selector() if self._table.dead else None
+        if keep_alive is not None:
+            params.sel = keep_alive[3]
+        want = min(k, len(self._table))
+        scores, rows = self._index.search(queries, k, params=params)
+        for _ in range(3):  # heavy filtering can starve the beam: widen it for the rows that came up short
+            short = np.flatnonzero((rows[:, :want] < 0).any(axis=1))
+            if not len(short):
+                break
+            ef *= 4
+            params.efSearch = ef
+            scores[short], rows[short] = self._index.search(queries[short], k, params=params)
+        del keep_alive  # the bitmap may go only after the last search that uses it
+        return scores, rows
+
+    def _search_ivfpq(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss = _faiss()
+        p = self.manifest.params
+        rerank = 4 * k if p["rerank"] is None else int(p["rerank"])
+        fetch = max(k, rerank)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = p["nprobe"]
+        scores, ids = self._index.search(queries, fetch, params=params)
+        if rerank:
+            scores = self._exact_scores(queries, ids)
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)  # FAISS pads with -FLT_MAX
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        return scores, np.where(np.isfinite(scores), ids, -1)
+
+    def _exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact inner products of each query with its candidates (-inf for holes)."""
+        rows = self._table.rows_of(ids).reshape(ids.shape)
+        out = np.full(ids.shape, -np.inf, dtype=np.float32)
+        for s in range(0, len(queries), 256):  # bounds the gathered (batch, candidates, dim) block
+            r = rows[s : s + 256]
+            valid = r >= 0
+            cand = self._vectors.gather(np.where(valid, r, 0))
+            exact = np.einsum("nd,nkd->nk", queries[s : s + 256], cand)
+            out[s : s + 256] = np.where(valid, exact, -np.inf)
+        return out
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, directory: str | Path | None = None) -> Path:
+        """Write a new version atomically (see storage); removed items are compacted away."""
+        faiss = _faiss()
+        with self._lock:
+            target = self._target(directory)
+            mask = self._table.live_mask()
+            table = self._table.compacted()
+            index = self._index
+            if self.manifest.kind == "hnsw" and mask is not None:
+                index = self._rebuild_hnsw(mask)
+            writers = {**storage.table_writers(table), "vectors.npy": lambda p: self._vectors.write_npy(p, mask)}
+            if index is not None:
+                writers[FAISS_FILE] = lambda p: faiss.write_index(index, str(p))
+            manifest = self._next_manifest(len(table))
+            folder = storage.save_version(target, manifest.to_dict(), writers)
+            if mask is not None or self._mmap or self.manifest.kind == "hnsw" or len(self._vectors.parts) > 1:
+                # adopt the compacted rows: mapped when they were (the old file is gone), else read
+                mapped = self._mmap or self.manifest.kind == "hnsw"
+                base = storage.load_npy(folder / "vectors.npy", mmap=mapped)
+                self._vectors = _Vectors(manifest.dim, base)
+            self._table, self._index, self._selector = table, index, None
+            self.manifest, self._directory = manifest, target
+            return folder
+
+    def _rebuild_hnsw(self, mask: np.ndarray) -> Any:
+        faiss = _faiss()
+        index = _new_faiss_index(faiss, "hnsw", self.manifest.dim, self.manifest.params)
+        for block in self._vectors.live_chunks(mask):
+            index.add(block)
+        return index
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _resolve_params(kind: str, dim: int, params: dict[str, Any] | None, source: str = "create_index()"
+                    ) -> dict[str, Any]:
+    """Defaults filled in and checked, so the manifest records the values actually used."""
+    p = check_params(params, KINDS[kind], f"faiss kind {kind!r} ({source})")
+
+    def positive(name: str) -> None:
+        if isinstance(p[name], bool) or not isinstance(p[name], int) or p[name] < 1:
+            raise IndexStoreError(f"{source}: params[{name!r}] must be a positive integer, got {p[name]!r}")
+
+    if kind == "hnsw":
+        for name in p:
+            positive(name)
+    if kind == "ivfpq":
+        if p["m"] is None:
+            p["m"] = next(m for m in (64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1) if dim % m == 0 and m <= dim)
+        for name in ("nlist", "m", "nbits", "nprobe"):
+            positive(name)
+        if dim % p["m"]:
+            raise IndexStoreError(f"{source}: params['m']={p['m']} must divide the dimension {dim}")
+        if p["nbits"] > 16:
+            raise IndexStoreError(f"{source}: params['nbits'] must be <= 16, got {p['nbits']}")
+        cells = max(p["nlist"], 2 ** p["nbits"])
+        if p["train_min"] is None:
+            p["train_min"] = 39 * cells  # FAISS's k-means warns below 39 points per centroid
+        if p["train_max"] is None:
+            p["train_max"] = max(64 * cells, p["train_min"])
+        for name in ("train_min", "train_max"):
+            positive(name)
+        if p["train_min"] < cells:
+            raise IndexStoreError(f"{source}: params['train_min'] must be >= max(nlist, 2**nbits) = {cells}")
+        if p["rerank"] is not None and (isinstance(p["rerank"], bool) or not isinstance(p["rerank"], int)
+                                        or p["rerank"] < 0):
+            raise IndexStoreError(f"{source}: params['rerank'] must be null (4*k) or an integer >= 0")
+    return p
+
+
+def _new_faiss_index(faiss: Any, kind: str, dim: int, p: dict[str, Any]) -> Any:
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, p["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = p["efConstruction"]
+        index.hnsw.efSearch = p["efSearch"]
+        return index
+    if kind == "ivfpq":
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
+        index.own_fields = True  # the IVF index frees its quantizer
+        quantizer.this.disown()
+        return index
+    return None
+
+
+def _read_faiss(path: Path, manifest: Manifest, table: RowTable) -> Any:
+    faiss = _faiss()
+    if not path.is_file():
+        raise FileNotFoundError(2, "No such file", str(path))
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise IndexStoreError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0][:200]}); the index "
+                              "is corrupt, rebuild it") from e
+    if index.d != manifest.dim:
+        raise IndexStoreError(f"{path}: dimension {index.d} differs from the manifest's {manifest.dim}")
+    expected = table.rows if manifest.kind == "hnsw" or index.is_trained else 0
+    if index.ntotal != expected:
+        raise IndexStoreError(f"{path}: holds {index.ntotal} vectors but ids.npy lists {table.rows}; the index "
+                              "is corrupt, rebuild it")
+    return index

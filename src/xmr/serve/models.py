@@ -1,0 +1,94 @@
+"""Request and response bodies of the JSON API (they are what /docs and /openapi.json describe)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_image, too_large, busy.")
+    message: str = Field(description="What went wrong, for people.")
+    details: Any = Field(default=None, description="Validation errors: a list of {loc, msg, type}.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in ((400, "Invalid image or query refused by the model"), (401, "Missing or wrong API key"),
+                         (404, "Unknown image id"), (413, "Upload or image too large"),
+                         (415, "Upload is not an image"), (422, "Invalid parameters"),
+                         (503, "Too many queries waiting; retry later"))
+}
+
+
+class TextQuery(BaseModel):
+    text: str = Field(description="What to look for, in words.", examples=["a woman in a red jacket"])
+    k: int | None = Field(default=None, description="How many results (default: settings.default_k).")
+
+
+class SimilarQuery(BaseModel):
+    id: int = Field(description="Index id of an image from earlier results.")
+    k: int | None = Field(default=None, description="How many results (default: settings.default_k).")
+
+
+class Result(BaseModel):
+    id: int = Field(description="Index id of the image.")
+    score: float = Field(description="Similarity to the query (higher is closer).")
+    path: str = Field(description="Path relative to the served images root.")
+    thumbnail_url: str
+    image_url: str
+
+
+class QueryEcho(BaseModel):
+    kind: Literal["text", "image", "composed", "similar"]
+    k: int
+    text: str | None = None
+    id: int | None = Field(default=None, description="The indexed image of a 'similar' query.")
+    width: int | None = Field(default=None, description="Size of the uploaded image.")
+    height: int | None = None
+
+
+class SearchResponse(BaseModel):
+    results: list[Result]
+    took_ms: float = Field(description="Server time for the query, queueing included.")
+    query: QueryEcho
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    count: int = Field(description="Images in the index.")
+    model_id: str
+    supports_composed: bool = Field(description="Whether /api/search/composed can be answered.")
+    auth_required: bool = Field(description="Whether /api routes need the X-API-Key header.")
+    version: str
+    limits: dict[str, int]
+
+
+class Latency(BaseModel):
+    p50: float | None
+    p90: float | None
+    p99: float | None
+
+
+class RouteMetrics(BaseModel):
+    count: int
+    errors: int
+    latency_ms: Latency
+
+
+class MetricsResponse(BaseModel):
+    queries: int = Field(description="Search requests (any outcome).")
+    query_errors: int
+    errors: int = Field(description="API requests answered with a status >= 400.")
+    rejected: int = Field(description="Requests refused with 503 because the query queue was full.")
+    latency_ms: Latency = Field(description="Search latency percentiles over the recent window.")
+    by_route: dict[str, RouteMetrics]
+    status: dict[str, int] = Field(description="Responses by HTTP status.")
+    uptime_s: float
+    in_flight: int = Field(description="Queries running or waiting now.")
+    capacity: int = Field(description="max_concurrency + max_queue.")
