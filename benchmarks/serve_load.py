@@ -30,6 +30,9 @@ from typing import Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, row
+
 QUERIES = ["a woman in a red jacket and white trousers", "a man with a black backpack and blue jeans",
            "a person wearing a yellow shirt", "a girl in a pink dress carrying a bag",
            "a man in a grey coat and dark shoes", "someone in a green hoodie riding a bike"]
@@ -127,6 +130,16 @@ async def load(url: str, requests: int, concurrency: int, k: int, api_key: str |
             "status": dict(sorted(status.items())), "latency_ms": percentiles(latencies)}
 
 
+def direct_throughput(retriever: Any, requests: int, threads: int, k: int) -> float:
+    """Queries/s of calling the retriever itself from `threads` threads: the ceiling the service can reach."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: retriever.search_text(QUERIES[i % len(QUERIES)], k), range(requests)))
+    return requests / (time.perf_counter() - start)
+
+
 def build_retriever(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if args.index:
         from xmr.retriever import load as load_retriever
@@ -154,11 +167,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-queue", type=int, default=16, help="Server: queries waiting; more get 503.")
     p.add_argument("--api-key", default=None, help="Run with this key required (checks the auth path too).")
     p.add_argument("--out", type=Path, help="Also write the JSON here.")
+    p.add_argument("--quick", action="store_true", help="100 requests: a smoke run.")
     args = p.parse_args(argv)
+    if args.quick:
+        args.requests = min(args.requests, 100)
 
     from xmr.serve import ServeSettings, create_app, serve_in_thread
 
     retriever, described = build_retriever(args)
+    ceiling = direct_throughput(retriever, args.requests, args.max_concurrency, args.k)
     settings = ServeSettings(max_concurrency=args.max_concurrency, max_queue=args.max_queue, api_key=args.api_key,
                              access_log=False)
     with serve_in_thread(create_app(retriever, settings), log_level="error") as url:
@@ -169,6 +186,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["server"] = {**described, "max_concurrency": args.max_concurrency, "max_queue": args.max_queue,
                         "queries": server["queries"], "rejected": server["rejected"],
                         "latency_ms": server["latency_ms"]}
+    report["direct_qps"] = round(ceiling, 1)
+    report["benchmark"], report["machine"] = "serve_load", machine()
+    lat = report["latency_ms"]
+    report["rows"] = [
+        row(f"HTTP text queries, {args.concurrency} clients, server concurrency {args.max_concurrency}",
+            report["throughput_rps"], "req/s", reference=ceiling,
+            reference_name=f"retriever called directly from {args.max_concurrency} threads",
+            note=f"{described['retriever']} retriever"),
+        row("latency p50 (client side)", lat.get("p50", 0.0), "ms", higher_is_better=False),
+        row("latency p99 (client side)", lat.get("p99", 0.0), "ms", higher_is_better=False),
+        row("errors", report["errors"], "requests", target="0", met=report["errors"] == 0),
+    ]
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -105,3 +105,34 @@ def test_killed_embed_resumes_exactly_once(search_model, gallery, tmp_path):
     paths = store_paths(out)
     assert len(paths) == len(set(paths)) == 48
     assert "already done" in rerun.stdout
+
+
+def test_parallel_processes_embed_each_image_once_and_merge(search_model, gallery, tmp_path):
+    from xmr.embed_parallel import embed_images_parallel, sub_shards
+    from xmr.indexing import build_index
+
+    # Machine shards and their processes' parts tile the listing exactly.
+    listing = list(range(50))
+    parts = [p for machine in range(3) for p in sub_shards((machine, 3), 2)]
+    covered = [x for index, count in parts for x in listing[index::count]]
+    assert sorted(covered) == listing
+
+    result = embed_images_parallel(gallery, search_model, tmp_path / "par", processes=2, batch_size=5,
+                                   precision="fp32", chunk_size=8, progress=False)
+    assert result.total == 49 and result.embedded == 48 and len(result.failed) == 1
+    assert sorted(p.name for p in (tmp_path / "par").iterdir()) == ["shard-000", "shard-001"]
+    single = embed_images(gallery, search_model, tmp_path / "one", num_workers=0, precision="fp32",
+                          progress=False)
+    assert single.embedded == 48
+    ref_vecs, ref_paths = EmbeddingStore.open(tmp_path / "one").load_all()
+    by_path = dict(zip(ref_paths, ref_vecs, strict=True))
+    seen = []
+    for shard_dir in sorted((tmp_path / "par").iterdir()):
+        vecs, paths = EmbeddingStore.open(shard_dir).load_all()
+        seen += paths
+        np.testing.assert_allclose(vecs, np.stack([by_path[p] for p in paths]), atol=1e-5)
+    assert sorted(seen) == sorted(ref_paths)
+    update = build_index([tmp_path / "par"], tmp_path / "idx")
+    assert update.count == 48 and update.skipped == 0
+    again = embed_images_parallel(gallery, search_model, tmp_path / "par", processes=2, progress=False)
+    assert again.embedded == 0 and again.already_done == 49

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,6 +37,10 @@ def _parse_params(items: list[str] | None) -> dict:
     return params
 
 
+MmapOpt = Annotated[bool, typer.Option("--mmap", help="Memory-map the index from disk instead of reading it: opens at once, pages are read as searches touch them.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="Run the encoders through torch.compile (inductor, frozen weights): faster on large jobs, 30-70 s to compile a ViT-B/16 first.")]
+
+
 def embed(
     images: Annotated[Path, typer.Argument(help="A folder of images (walked recursively) or a list file, one path a line.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="xmr checkpoint dir that embeds the images.")],
@@ -47,6 +51,8 @@ def embed(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     shard: Annotated[str | None, typer.Option(help="Embed only part i of n of the sorted listing ('i/n'); merge the parts with `xmr index build`. Under torchrun it defaults to RANK/WORLD_SIZE, written to OUT/shard-RANK.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Images per saved chunk (what a killed run can lose).")] = 1024,
+    compile: CompileOpt = False,
+    processes: Annotated[int, typer.Option(help="Encoder processes on this machine, each embedding an interleaved part into OUT/shard-NNN with cores/N threads (resume with the same N).")] = 1,
 ) -> None:
     """Embed every image of a folder into OUT. Unreadable files are skipped and listed in OUT/failed.jsonl.
     Killed? Run the same command again: it continues where it stopped, embedding each image exactly once."""
@@ -56,9 +62,19 @@ def embed(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if shard is None and world > 1:
         rank = int(os.environ.get("RANK", "0"))
-        shard, out = f"{rank}/{world}", out / f"shard-{rank:03d}"
-    result = embed_images(images, checkpoint, out, batch_size=batch_size, num_workers=workers,
-                          precision=precision, device=device, shard=parse_shard(shard), chunk_size=chunk_size)
+        shard = f"{rank}/{world}"
+        if processes == 1:
+            out = out / f"shard-{rank:03d}"
+    if processes > 1:
+        from xmr.embed_parallel import embed_images_parallel
+
+        result: Any = embed_images_parallel(images, checkpoint, out, processes=processes, shard=parse_shard(shard),
+                                            batch_size=batch_size, num_workers=workers, precision=precision,
+                                            chunk_size=chunk_size, compile=compile)
+    else:
+        result = embed_images(images, checkpoint, out, batch_size=batch_size, num_workers=workers,
+                              precision=precision, device=device, shard=parse_shard(shard), chunk_size=chunk_size,
+                              compile=compile)
     rate = result.embedded / result.seconds if result.seconds else 0.0
     typer.echo(f"{result.directory}: {result.embedded} embedded ({rate:.1f} img/s), {result.already_done} "
                f"already done, {len(result.failed)} unreadable (of {result.total})")
@@ -72,7 +88,7 @@ def index_build(
     out: Annotated[Path, typer.Option("--out", help="New index directory.")],
     backend: Annotated[str, typer.Option(help="faiss (embedded default) or milvus (Milvus Lite file, or a server via --param uri=...).")] = "faiss",
     kind: Annotated[str, typer.Option(help="faiss: flat (exact) | hnsw | ivfpq; milvus: FLAT | HNSW | IVF_FLAT.")] = "flat",
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Index parameter key=value (repeatable): hnsw M, efConstruction, efSearch; ivfpq nlist, m, nbits, nprobe, rerank; milvus uri, token, collection.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Index parameter key=value (repeatable): hnsw M (32), efConstruction (80), efSearch (128); ivfpq nlist, nprobe, rerank (auto by gallery size when the index is saved), m (64), nbits (8); milvus uri, token, collection.")] = None,
 ) -> None:
     """Create an index from embedding directories (shards of one run merge into one index)."""
     from xmr.indexing import build_index
@@ -132,6 +148,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     compose: ComposeOpt = None,
     precision: Precision = "bf16",
+    mmap: MmapOpt = False,
 ) -> None:
     """Search an index by a sentence, by an example image, or by an image plus a sentence that changes it."""
     from xmr.data.images import load_image
@@ -142,7 +159,7 @@ def search(
         raise typer.BadParameter("must be >= 1", param_hint="-k")
     if text is None and image is None:
         raise typer.BadParameter("give a query TEXT, --image, or both")
-    retriever = load(index, checkpoint, precision=precision, compose=compose)
+    retriever = load(index, checkpoint, precision=precision, compose=compose, mmap=mmap)
     if image is not None:
         query_image = load_image(image)
         hits = (retriever.search_composed(query_image, text, k) if text
@@ -176,6 +193,8 @@ def serve(
     max_concurrency: Annotated[int, typer.Option(help="Queries encoded at once; more wait in a bounded queue.")] = 2,
     compose: ComposeOpt = None,
     precision: Precision = "bf16",
+    compile: CompileOpt = False,
+    mmap: MmapOpt = False,
 ) -> None:
     """Serve the search page and JSON API (OpenAPI docs at /docs) over an index.
 
@@ -186,7 +205,7 @@ def serve(
 
     _check_precision(precision)
     limit_threads_per_query(max_concurrency)
-    retriever = load(index, checkpoint, precision=precision, compose=compose)
+    retriever = load(index, checkpoint, precision=precision, compose=compose, compile=compile, mmap=mmap)
     # Other limits (max_k, max_text_chars, max_image_pixels, ...) come from XMR_SERVE_<FIELD> variables.
     settings = ServeSettings.from_env(host=host, port=port, api_key=api_key,
                                       max_upload_bytes=int(max_upload_mb * 2**20), max_concurrency=max_concurrency)

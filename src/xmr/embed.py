@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,11 +255,17 @@ class EmbedResult:
 
 def embed_images(source: str | Path, checkpoint: str | Path, out: str | Path, *, batch_size: int = 64,
                  num_workers: int = 2, precision: str = "bf16", device: str = "cpu", shard: tuple[int, int] = (0, 1),
-                 chunk_size: int = 1024, progress: bool = True, model: Any = None) -> EmbedResult:
-    """Embed every image under `source` (folder or list file) with `checkpoint` into `out` (resumable)."""
+                 chunk_size: int = 1024, progress: bool = True, model: Any = None,
+                 on_progress: Callable[[int], None] | None = None, compile: bool = False) -> EmbedResult:
+    """Embed every image under `source` (folder or list file) with `checkpoint` into `out` (resumable).
+
+    `on_progress(n)` is called after each batch with the number of images it handled (used by
+    `xmr.embed_parallel` to drive one progress bar for several processes). `compile` runs the image
+    tower through torch.compile (see `xmr.encoding`; worth it for large galleries only).
+    """
     from tqdm.auto import tqdm
 
-    from xmr.evaluation.evaluator import _autocast
+    from xmr.encoding import prepare_encoder
     from xmr.experiment import load_checkpoint
 
     start = time.perf_counter()
@@ -279,6 +285,7 @@ def embed_images(source: str | Path, checkpoint: str | Path, out: str | Path, *,
         return result
     model = model or load_checkpoint(checkpoint, device=device)
     dev = torch.device(device)
+    encoder = prepare_encoder(model.method, precision, compile=compile, device=dev)
     transform = build_transform(False, model.image_size)
     loader = torch.utils.data.DataLoader(_GalleryImages(root, todo, transform), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
@@ -292,11 +299,12 @@ def embed_images(source: str | Path, checkpoint: str | Path, out: str | Path, *,
             pending_failed += [{"path": todo[int(batch["index"][i])], "error": e}
                                for i, e in enumerate(batch["error"]) if e]
             if ok:
-                with _autocast(dev, precision):
-                    feats = model.method.encode_image(batch["images"][ok].to(dev))
+                feats = encoder.encode_image(batch["images"][ok].to(dev))
                 pending_vecs.append(F.normalize(feats.float(), dim=-1).cpu().numpy())
                 pending_paths += [todo[int(batch["index"][i])] for i in ok]
             bar.update(len(batch["error"]))
+            if on_progress is not None:
+                on_progress(len(batch["error"]))
             if len(pending_paths) >= chunk_size:
                 store.append(np.concatenate(pending_vecs), pending_paths, pending_failed)
                 if _TEST_DELAY:  # lets the crash test kill a run mid-way on fast machines

@@ -47,9 +47,11 @@ class Retriever:
     """
 
     def __init__(self, model: Any, index: Any, *, images_root: str | Path | None = None, precision: str = "bf16",
-                 device: str = "cpu", compose: str | None = None, check_model: bool = True) -> None:
+                 device: str = "cpu", compose: str | None = None, check_model: bool = True,
+                 compile: bool = False) -> None:
         from xmr.data.transforms import build_transform
         from xmr.embed import model_fingerprint
+        from xmr.encoding import prepare_encoder
 
         if compose is not None and compose not in COMPOSE_MODES:
             raise XmrError(f"compose={compose!r}: use one of {COMPOSE_MODES} or None")
@@ -67,6 +69,9 @@ class Retriever:
         self.transform = build_transform(False, model.image_size)
         self.compose = compose
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads with autocast state
+        # Queries go through the inference fast path (bf16 on CPU: a bf16 copy of the weights, no per-call
+        # casts); `compile` adds torch.compile + freezing (slow first query per batch shape).
+        self.encoder = prepare_encoder(model.method, precision, compile=compile, device=self.device)
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -91,15 +96,13 @@ class Retriever:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         ids = self.model.tokenize(texts).to(self.device)
-        with self._lock, self._autocast():
-            feats = self.model.method.encode_text(ids)
+        feats = self.encoder.encode_text(ids)  # the encoder serialises callers itself
         return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         batch = torch.stack([self.transform(im.convert("RGB")) for im in images]).to(self.device)
-        with self._lock, self._autocast():
-            feats = self.model.method.encode_image(batch)
+        feats = self.encoder.encode_image(batch)
         return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
     @torch.inference_mode()
@@ -151,8 +154,11 @@ class Retriever:
 
 
 def load(index: str | Path, checkpoint: str | Path | None = None, *, device: str = "cpu",
-         precision: str = "bf16", compose: str | None = None, mmap: bool = False) -> Retriever:
-    """Open an index and the checkpoint that built it (default: the one its manifest records)."""
+         precision: str = "bf16", compose: str | None = None, mmap: bool = False, compile: bool = False) -> Retriever:
+    """Open an index and the checkpoint that built it (default: the one its manifest records).
+
+    `precision` ("fp32" | "bf16" | "fp16") and `compile` choose the query encoders' recipe (`xmr.encoding`).
+    """
     from xmr.experiment import load_checkpoint
     from xmr.index import open_index
 
@@ -161,4 +167,4 @@ def load(index: str | Path, checkpoint: str | Path | None = None, *, device: str
     if checkpoint is None:
         raise XmrError(f"{index}: the manifest records no checkpoint; pass checkpoint=")
     return Retriever(load_checkpoint(checkpoint, device=device), opened, precision=precision, device=device,
-                     compose=compose)
+                     compose=compose, compile=compile)

@@ -21,20 +21,26 @@ import torch.nn.functional as F
 
 from xmr.data.datasets import ImageDataset, TextDataset, build_loader
 from xmr.data.records import RetrievalSplit
+from xmr.encoding import autocast as _encoding_autocast
+from xmr.encoding import prepare_encoder
 from xmr.evaluation.metrics import retrieval_metrics
 
 TIE_RULE = "ties are broken by gallery order (a stable descending sort): an item scoring exactly as a correct one ranks before it only if it comes first in the gallery"
 
 
 def _autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    """Kept for callers that autocast by hand; `xmr.encoding.InferenceEncoder` is the fast path."""
+    return _encoding_autocast(device, precision)
 
 
 @torch.inference_mode()
 def embed_batches(encode: Callable[[torch.Tensor], torch.Tensor], loader, key: str, *, device: torch.device,
                   precision: str = "fp32", progress: bool = False, desc: str = "embedding") -> torch.Tensor:
-    """Run `encode` over `loader` batches (field `key`), L2-normalise, return float32 (N, D) in input order."""
+    """Run `encode` over `loader` batches (field `key`), L2-normalise, return float32 (N, D) in input order.
+
+    `encode` may be a method's raw encoder (autocast to `precision` here) or an `InferenceEncoder`'s,
+    which applies its own recipe (its inner autocast settings take precedence).
+    """
     from tqdm.auto import tqdm
 
     chunks, order = [], []
@@ -52,15 +58,21 @@ def embed_batches(encode: Callable[[torch.Tensor], torch.Tensor], loader, key: s
 
 def embed_split(method: Any, split: RetrievalSplit, tokenize: Callable[[list[str]], torch.Tensor], transform,
                 *, batch_size: int = 128, num_workers: int = 0, device: torch.device | None = None,
-                precision: str = "fp32", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(caption embeddings, image embeddings) of a split, both L2-normalised."""
+                precision: str = "fp32", progress: bool = False, compile: bool = False,
+                encoder: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption embeddings, image embeddings) of a split, both L2-normalised.
+
+    The encoders run through `xmr.encoding.prepare_encoder(method, precision, compile=compile)`;
+    pass a ready `encoder` (an InferenceEncoder) to reuse one, e.g. a compiled one, across calls.
+    """
     device = device or next(method.parameters()).device
+    encoder = encoder or prepare_encoder(method, precision, compile=compile, device=device)
     images = build_loader(ImageDataset(split.image_paths, transform), batch_size, shuffle=False,
                           num_workers=num_workers)
     texts = build_loader(TextDataset(split.captions, tokenize), batch_size, shuffle=False, num_workers=0)
-    text_feats = embed_batches(method.encode_text, texts, "ids", device=device, precision=precision,
+    text_feats = embed_batches(encoder.encode_text, texts, "ids", device=device, precision=precision,
                                progress=progress, desc="texts")
-    image_feats = embed_batches(method.encode_image, images, "images", device=device, precision=precision,
+    image_feats = embed_batches(encoder.encode_image, images, "images", device=device, precision=precision,
                                 progress=progress, desc="images")
     return text_feats, image_feats
 

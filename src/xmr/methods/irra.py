@@ -68,6 +68,8 @@ class IRRA(nn.Module):
         if "mlm" in cfg.losses:
             self.fusion = CrossModalInteraction(width, depth=cfg.cmt_depth, act=clip.config.act)
             self.mlm_head = build_mlm_head(width, cfg.vocab_size, cfg.cmt_depth)
+            # Follow the towers' setting (`model.grad_checkpointing` is applied to the CLIP before this).
+            self.fusion.cross_modal_transformer.grad_checkpointing = clip.visual.transformer.grad_checkpointing
         if "id" in cfg.losses:
             self.classifier = nn.Linear(width, cfg.num_classes)
             nn.init.normal_(self.classifier.weight, std=0.001)
@@ -75,6 +77,12 @@ class IRRA(nn.Module):
         self.register_buffer("logit_scale", torch.tensor(1.0 / cfg.temperature), persistent=False)
         # IRRA keeps the temperature fixed: CLIP's learnt scale stays as loaded (and DDP sees no unused grad).
         self.clip.logit_scale.requires_grad_(False)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute transformer block activations in the backward pass (both towers and the fusion encoder)."""
+        self.clip.set_grad_checkpointing(enable)
+        if hasattr(self, "fusion"):
+            self.fusion.cross_modal_transformer.grad_checkpointing = enable
 
     # -- inference -------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
