@@ -94,6 +94,7 @@ def markdown(results: dict[str, Any]) -> str:
         "JSON (`python benchmarks/<name>.py --help`). The reference of each row is measured in the same run,",
         "so read the ratios: these machines are shared and absolute figures move from run to run.",
         "Ratio: ours / reference for throughputs, reference / ours for times and memory (above 1 = ours better).",
+        "Targets are issue #4's; the main README's 'Performance at scale' explains each one missed.",
         "",
         (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, flags {', '.join(m['flags']) or '—'};"
         f" torch {m['torch']}, Python {m['python']}. Run: {results['started']}, {results['mode']}."),

@@ -212,8 +212,10 @@ def rows_for(name: str, precision: str, case: dict) -> list[dict]:
         same = case.get(f"{method}_max_abs_diff", 0.0)
         if method != "mmap_no_release":
             out.append(row(f"{label}, {title}: time", result["seconds"], "s", reference=ref, reference_name=REFERENCE,
-                           higher_is_better=False, target="ours <= 2x reference (ratio = ref/ours >= 0.5)",
-                           met=bool(ref) and result["seconds"] <= 2 * ref,
+                           higher_is_better=False,
+                           # the target is for 10k x 1M; small sizes are dominated by fixed costs
+                           target="ours <= 2x reference (ratio >= 0.5)" if "1M" in name else None,
+                           met=(bool(ref) and result["seconds"] <= 2 * ref) if "1M" in name else None,
                            note=f"R1 {result['R1']:.2f} mAP {result['mAP']:.2f} mINP {result['mINP']:.2f}; "
                                 f"max |diff| vs in-memory {same:.1e}"))
         mib = result["peak_extra_mib"]
@@ -221,7 +223,7 @@ def rows_for(name: str, precision: str, case: dict) -> list[dict]:
         if method.startswith("stream") or method == "mmap_no_release":
             note += f"; gallery not loaded; RssFile at end {result['rss_file_mib_at_end']:.0f} MiB"
         out.append(row(f"{label}, {title}: peak extra memory", mib, "MiB", higher_is_better=False,
-                       limit=4096, limit_name="4 GiB budget", target="< 4 GiB", met=mib < 4096, note=note))
+                       target="< 4 GiB", met=mib < 4096, note=note))
     naive = case.get("naive")
     if isinstance(naive, dict) and "seconds" in naive and "seconds" in case["bounded"]:
         out.append(row(f"{label}: time vs naive full argsort", case["bounded"]["seconds"], "s",

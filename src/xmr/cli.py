@@ -29,6 +29,8 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:  # FAISS logs each CPU-variant probe at INFO
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 @app.command()
