@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from xmr.encoding import autocast, prepare_encoder
 from xmr.errors import XmrError
 
 COMPOSE_MODES = ("native", "sum")
@@ -51,7 +52,6 @@ class Retriever:
                  compile: bool = False) -> None:
         from xmr.data.transforms import build_transform
         from xmr.embed import model_fingerprint
-        from xmr.encoding import prepare_encoder
 
         if compose is not None and compose not in COMPOSE_MODES:
             raise XmrError(f"compose={compose!r}: use one of {COMPOSE_MODES} or None")
@@ -89,10 +89,6 @@ class Retriever:
                 "compose": "native" if hasattr(self.model.method, "encode_composed") else self.compose}
 
     # -- encoding --------------------------------------------------------------------------------
-    def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         ids = self.model.tokenize(texts).to(self.device)
@@ -111,7 +107,7 @@ class Retriever:
         if hasattr(method, "encode_composed"):
             batch = self.transform(image.convert("RGB")).unsqueeze(0).to(self.device)
             ids = self.model.tokenize([text]).to(self.device)
-            with self._lock, self._autocast():
+            with self._lock, autocast(self.device, self.precision):
                 feats = method.encode_composed(batch, ids)
             return F.normalize(feats.float(), dim=-1).cpu().numpy()
         if self.compose == "sum":

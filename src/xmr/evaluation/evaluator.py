@@ -21,16 +21,10 @@ import torch.nn.functional as F
 
 from xmr.data.datasets import ImageDataset, TextDataset, build_loader
 from xmr.data.records import RetrievalSplit
-from xmr.encoding import autocast as _encoding_autocast
-from xmr.encoding import prepare_encoder
+from xmr.encoding import autocast, prepare_encoder
 from xmr.evaluation.metrics import retrieval_metrics
 
 TIE_RULE = "ties are broken by gallery order (a stable descending sort): an item scoring exactly as a correct one ranks before it only if it comes first in the gallery"
-
-
-def _autocast(device: torch.device, precision: str):
-    """Kept for callers that autocast by hand; `xmr.encoding.InferenceEncoder` is the fast path."""
-    return _encoding_autocast(device, precision)
 
 
 @torch.inference_mode()
@@ -45,7 +39,7 @@ def embed_batches(encode: Callable[[torch.Tensor], torch.Tensor], loader, key: s
 
     chunks, order = [], []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        with _autocast(device, precision):
+        with autocast(device, precision):
             feats = encode(batch[key].to(device))
         chunks.append(F.normalize(feats.float(), dim=-1).cpu())
         order.append(batch["index"])
