@@ -55,6 +55,8 @@ def test_help_explains_commands():
     (["train", "--config", "nope.yaml"], "config file not found: nope.yaml"),
     (["train", "--config", "configs/demo.yaml", "--set", "optim.lrr=1"], "unknown key 'optim.lrr'"),
     (["evaluate", "--checkpoint", "/nonexistent/ckpt", "--data", "."], "/nonexistent/ckpt"),
+    (["embed", ".", "--checkpoint", ".", "--out", "unused", "--processes", "0"], "'--processes'"),
+    (["search", ".", "a query", "-k", "0"], "'-k' / '--top'"),
 ])
 def test_bad_input_is_one_readable_line(args, message):
     proc = xmr(*args)

@@ -68,8 +68,8 @@ def evaluate(
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     i2t: Annotated[bool, typer.Option("--i2t", help="Also report image-to-text retrieval.")] = False,
     out: Annotated[Path | None, typer.Option(help="JSON report path (default: <checkpoint>/eval_<split>.json).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 128,
-    workers: Annotated[int, typer.Option(help="Image loading worker processes.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch size.")] = 128,
+    workers: Annotated[int, typer.Option(min=0, help="Image loading worker processes.")] = 2,
     precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 autocast for encoding.")] = "bf16",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
@@ -93,7 +93,7 @@ def demo(
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config field (section.key=value).")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train again even if a cached model exists.")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="End by serving the search page over the demo gallery.")] = True,
-    port: Annotated[int, typer.Option(help="Port of the search page (loopback only).")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the search page (loopback only).")] = 8000,
 ) -> None:
     """End to end on embedded data: generate synthetic pedestrians (CUHK-PEDES layout), train a small IRRA
     model on CPU (cached after the first run), evaluate it on the test split, draw a top-5 grid, index the
