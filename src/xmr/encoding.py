@@ -167,8 +167,18 @@ class InferenceEncoder:
     def _build(self, model: Any, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         if not self.compiled:
             return getattr(model, name)
-        options = {"freezing": self.freeze}
-        return torch.compile(_Tower(model, name), options=options)
+        compiled = torch.compile(_Tower(model, name))
+        freeze = self.freeze
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            # Freezing is read from inductor's global config when a graph is compiled (the first call per
+            # shape): `torch.compile(options={"freezing": True})` left the weights unpacked (torch 2.13).
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=freeze):
+                return compiled(x)
+
+        return call
 
     def describe(self) -> dict[str, Any]:
         """The recipe in use (for reports)."""
