@@ -30,7 +30,7 @@ def make_checkpoint(work: Path) -> tuple[Path, Path]:
     """A demo-config checkpoint (one training step) and the folder of its synthetic images."""
     from xmr.config import load_config
     from xmr.data.synthetic import generate_pedes_demo
-    from xmr.experiment import run_training
+    from xmr.jobs.train import run_training
 
     data = generate_pedes_demo(work / "data", num_ids=500, images_per_id=4, split_ids=(20, 5, 475), seed=0)
     cfg = load_config(REPO / "configs/demo.yaml", [
@@ -56,8 +56,8 @@ def main() -> None:
 
     import torch
 
-    from xmr.embed import embed_images, list_images
-    from xmr.embed_parallel import embed_images_parallel
+    from xmr.search.embed import embed_images, list_images
+    from xmr.search.embed_parallel import embed_images_parallel
 
     work = Path(tempfile.mkdtemp(prefix="xmr-bench-embed-"))
     try:

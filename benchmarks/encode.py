@@ -1,4 +1,4 @@
-"""Encoding throughput of the CLIP towers for each inference recipe of `xmr.encoding`, vs fp32 eager.
+"""Encoding throughput of the CLIP towers for each inference recipe of `xmr.methods.inference`, vs fp32 eager.
 
 Figures (issue #4, item 2): images/s of the ViT-B/16 image tower at 384x128 and texts/s of ViT-B/16's
 text tower at 77 tokens, batch 64, random weights, `torch.inference_mode()`, for each variant:
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import gemm_gflops, machine, peak_rss_mib, row
 
-from xmr.encoding import InferenceEncoder, compile_available, set_threads
+from xmr.methods.inference import InferenceEncoder, compile_available, set_threads
 from xmr.methods.irra import IRRA, IRRAConfig
 from xmr.models.clip import CLIP, CLIPConfig, get_clip_config
 

@@ -77,7 +77,7 @@ class SyntheticRetriever:
         return self.search_text("image", k)
 
     def search_composed(self, image: Any, text: str, k: int = 10) -> list[FakeHit]:
-        from xmr.retriever import UnsupportedQuery
+        from xmr.search.retriever import UnsupportedQuery
 
         raise UnsupportedQuery("the synthetic retriever has no composed queries")
 
@@ -142,7 +142,7 @@ def direct_throughput(retriever: Any, requests: int, threads: int, k: int) -> fl
 
 def build_retriever(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if args.index:
-        from xmr.retriever import load as load_retriever
+        from xmr.search.retriever import load as load_retriever
 
         retriever = load_retriever(args.index, args.checkpoint, device=args.device, precision=args.precision)
         return retriever, {"retriever": "real", "index": str(args.index), "count": len(retriever)}

@@ -65,7 +65,7 @@ def search_model(tiny_pedes, tmp_path_factory) -> Path:
     embed -> index -> search path returns the right identity, not that the tiny model generalises.
     """
     from xmr.config import load_config
-    from xmr.experiment import run_training
+    from xmr.jobs.train import run_training
 
     run = tmp_path_factory.mktemp("search-model") / "run"
     cfg = load_config(REPO / "configs/demo.yaml", tiny_overrides(
@@ -96,8 +96,8 @@ def train_gallery(tiny_pedes, tmp_path_factory) -> tuple[Path, dict[str, int], l
 
 @pytest.fixture(scope="session")
 def index_dir(search_model, train_gallery, tmp_path_factory) -> Path:
-    from xmr.embed import embed_images
-    from xmr.indexing import build_index
+    from xmr.search.embed import embed_images
+    from xmr.search.indexing import build_index
 
     root, _, _ = train_gallery
     work = tmp_path_factory.mktemp("index")

@@ -71,7 +71,7 @@ def test_evaluate_on_a_folder_that_is_not_a_dataset(trained, tmp_path):
 
 
 def test_demo_job_trains_once_then_reuses_the_cache(tmp_path, monkeypatch):
-    from xmr import jobs
+    from xmr.jobs import demo as jobs
 
     monkeypatch.setitem(jobs.DEMO_DATA, "num_ids", 20)
     monkeypatch.setitem(jobs.DEMO_DATA, "images_per_id", 2)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 
-from xmr.embed import EmbeddingStore, embed_images, list_images, model_fingerprint, parse_shard
+from xmr.search.embed import EmbeddingStore, embed_images, list_images, model_fingerprint, parse_shard
 from xmr.errors import XmrError
 
 
@@ -41,7 +41,7 @@ def store_paths(directory: Path) -> list[str]:
 def test_embeddings_equal_direct_encoding_and_skip_bad_files(search_model, gallery, tmp_path):
     from xmr.data.images import load_image
     from xmr.data.transforms import build_transform
-    from xmr.experiment import load_checkpoint
+    from xmr.jobs.train import load_checkpoint
 
     result = embed_images(gallery, search_model, tmp_path / "emb", batch_size=7, num_workers=0,
                           precision="fp32", chunk_size=10, progress=False)
@@ -108,8 +108,8 @@ def test_killed_embed_resumes_exactly_once(search_model, gallery, tmp_path):
 
 
 def test_parallel_processes_embed_each_image_once_and_merge(search_model, gallery, tmp_path):
-    from xmr.embed_parallel import embed_images_parallel, sub_shards
-    from xmr.indexing import build_index
+    from xmr.search.embed_parallel import embed_images_parallel, sub_shards
+    from xmr.search.indexing import build_index
 
     # Machine shards and their processes' parts tile the listing exactly.
     listing = list(range(50))

@@ -1,4 +1,4 @@
-"""The inference fast path (`xmr.encoding`) gives the simple path's embeddings, metrics and hits.
+"""The inference fast path (`xmr.methods.inference`) gives the simple path's embeddings, metrics and hits.
 
 Tolerances, on L2-normalised embeddings e_fast and e_ref (the method's own encoders in fp32, eagerly):
 - fp32 (eager or compiled): max |e_fast - e_ref| <= 1e-5 over all elements.
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmr.encoding import InferenceEncoder, compile_available, inference_copy, prepare_encoder
+from xmr.methods.inference import InferenceEncoder, compile_available, inference_copy, prepare_encoder
 from xmr.methods.irra import IRRA, IRRAConfig
 from xmr.models.clip import CLIP, LayerNorm, get_clip_config
 
@@ -127,7 +127,7 @@ def test_compiled_matches_eager(tiny_method, inputs):
 
 
 def test_compile_unavailable_falls_back_with_a_warning(tiny_method, inputs, monkeypatch):
-    from xmr import encoding
+    from xmr.methods import inference as encoding
 
     monkeypatch.setattr(encoding, "compile_available", lambda: (False, "no C++ compiler"))
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
@@ -142,7 +142,7 @@ def test_compile_unavailable_falls_back_with_a_warning(tiny_method, inputs, monk
 def eval_setup(tiny_pedes):
     from xmr.data.formats import load_dataset
     from xmr.data.transforms import build_transform
-    from xmr.experiment import prepare_tokenizer, tokenize_fn
+    from xmr.jobs.train import prepare_tokenizer, tokenize_fn
 
     splits = load_dataset("cuhk_pedes", tiny_pedes)
     tokenizer = prepare_tokenizer(None, [r.caption for r in splits.train], 150)

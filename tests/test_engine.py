@@ -15,7 +15,7 @@ from conftest import REPO, tiny_overrides
 
 from xmr.config import load_config
 from xmr.engine.trainer import Trainer
-from xmr.experiment import load_checkpoint, run_training
+from xmr.jobs.train import load_checkpoint, run_training
 
 
 def train_losses(run_dir: Path) -> list[float]:

@@ -13,10 +13,10 @@ from conftest import REPO
 from PIL import Image
 
 import xmr
-from xmr.embed import embed_images
+from xmr.search.embed import embed_images
 from xmr.errors import XmrError
-from xmr.indexing import add_to_index, build_index, remove_from_index
-from xmr.retriever import ModelMismatch, UnsupportedQuery
+from xmr.search.indexing import add_to_index, build_index, remove_from_index
+from xmr.search.retriever import ModelMismatch, UnsupportedQuery
 
 pytest.importorskip("faiss")
 
@@ -61,7 +61,7 @@ def test_index_refuses_queries_from_another_model(index_dir, tiny_pedes, tmp_pat
     from conftest import tiny_overrides
 
     from xmr.config import load_config
-    from xmr.experiment import run_training
+    from xmr.jobs.train import run_training
 
     run_training(load_config(REPO / "configs/demo.yaml", tiny_overrides(tiny_pedes, tmp_path / "other",
                                                                          **{"optim.epochs": 1})))

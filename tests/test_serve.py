@@ -24,7 +24,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "
 
 
 class UnsupportedQuery(XmrError):
-    """Same name as xmr.retriever.UnsupportedQuery (the service matches it by name)."""
+    """Same name as xmr.search.retriever.UnsupportedQuery (the service matches it by name)."""
 
 
 class FakeRetriever:
@@ -195,7 +195,7 @@ def test_composed_search(client, fake):
 
 
 def test_real_unsupported_query_class_maps_to_400(client, fake):
-    from xmr.retriever import UnsupportedQuery as RealUnsupported
+    from xmr.search.retriever import UnsupportedQuery as RealUnsupported
 
     fake.fail_with = RealUnsupported("the model cannot compose")
     assert error_of(text_query(client), 400, "unsupported_query") == "the model cannot compose"

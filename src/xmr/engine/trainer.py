@@ -30,6 +30,7 @@ from xmr.config import OptimConfig, TrainConfig
 from xmr.engine.distributed import DistInfo, all_reduce_mean, barrier
 from xmr.engine.optim import build_optimizer, lr_factor, set_lr
 from xmr.errors import CheckpointError
+from xmr.precision import precision_dtype
 from xmr.models.checkpoints import load_model_dir, save_model_dir
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ def seed_everything(seed: int) -> None:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @dataclass
@@ -220,7 +217,7 @@ class Trainer:
         self.model.train()
         accum = self.cfg.grad_accum
         micro_steps = self.steps_per_epoch * accum
-        dtype = autocast_dtype(self.cfg.precision)
+        dtype = precision_dtype(self.cfg.precision)
         progress = self._progress(epoch, micro_steps)
         window_start, window_samples = time.perf_counter(), 0
         for micro, batch in enumerate(self.epoch_batches(epoch)):

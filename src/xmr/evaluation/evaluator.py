@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from xmr.data.datasets import ImageDataset, TextDataset, build_loader
 from xmr.data.records import RetrievalSplit
-from xmr.encoding import autocast, prepare_encoder
+from xmr.methods.inference import autocast, prepare_encoder
 from xmr.evaluation.metrics import retrieval_metrics
 
 TIE_RULE = "ties are broken by gallery order (a stable descending sort): an item scoring exactly as a correct one ranks before it only if it comes first in the gallery"
@@ -56,7 +56,7 @@ def embed_split(method: Any, split: RetrievalSplit, tokenize: Callable[[list[str
                 encoder: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(caption embeddings, image embeddings) of a split, both L2-normalised.
 
-    The encoders run through `xmr.encoding.prepare_encoder(method, precision, compile=compile)`;
+    The encoders run through `xmr.methods.inference.prepare_encoder(method, precision, compile=compile)`;
     pass a ready `encoder` (an InferenceEncoder) to reuse one, e.g. a compiled one, across calls.
     """
     device = device or next(method.parameters()).device

@@ -1,35 +1,164 @@
-"""The contract every retrieval method implements; the engine, evaluator and CLI rely only on this."""
+"""The contract every retrieval method implements; the engine, evaluator, search and service rely only on it.
+
+A method composes encoders, heads and losses and owns its hyper-parameters (a `Config` dataclass filled
+from the YAML `method:` section). Optional capabilities are runtime-checkable protocols, tested with
+`isinstance`, never with `hasattr` or class names:
+
+- `Reranker`: a second scoring stage over stage 1's shortlist (AsCL's fused score, MMRef's refinement).
+- `TrainHooks`: callbacks around the optimiser step with state saved in the resume checkpoint (GCKD's
+  EMA teacher and memory banks).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from xmr.outputs import LossOutput
+from xmr.data.records import ImageText
+from xmr.outputs import Candidates, Embedded, LossOutput, QueryBatch
+
+Transform = Callable[[Any], torch.Tensor]  # PIL image -> (3, H, W) float tensor
+ItemFn = Callable[[ImageText, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config dataclass: `name` is the registry name (the YAML `method.name`)."""
+
+    name: str = ""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field when a value is out of range (override per method)."""
+
+
+@dataclass
+class BuildContext:
+    """What building a method needs beyond its own config: the shared backbone settings and the data.
+
+    backbone: the experiment's `model` section (xmr.config.ModelConfig).
+    num_classes: training identities or classes (0 when the data has none).
+    vocab_size / eot_id / mask_id: the tokenizer's; context_length: token sequence length.
+    """
+
+    backbone: Any
+    num_classes: int
+    vocab_size: int
+    eot_id: int
+    mask_id: int
+    special_ids: tuple[int, ...] = ()
+    context_length: int = 77
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """An optimiser rule for parameters whose name starts with `prefix`.
+
+    lr_factor: multiplies the base lr (None: the experiment's `optim.new_module_lr_factor`, the usual
+    choice for randomly initialised heads); weight_decay: overrides `optim.weight_decay` (None keeps it).
+    """
+
+    prefix: str
+    lr_factor: float | None = None
+    weight_decay: float | None = None
 
 
 @runtime_checkable
 class Method(Protocol):
-    """A method pairs encoders with named, weighted losses.
+    """A retrieval method: encoders + named, weighted losses.
 
-    `forward(batch)` is the training step (so DDP wraps it unchanged) and returns a LossOutput whose
-    `total` is backpropagated and whose `parts` are logged. Encoders return global features
-    (not normalised); retrieval uses their cosine similarity.
+    `forward(batch)` is the training step (so DDP wraps it unchanged) and returns a LossOutput whose `total`
+    is backpropagated and whose `parts` are logged. `encode_query` / `encode_gallery` return `Embedded`
+    whose vectors are compared by cosine similarity in stage 1.
     """
 
-    name: str
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+    tasks: ClassVar[frozenset[str]]  # task kinds it can be evaluated on: "person", "image_text", "composed"
+    query_kinds: ClassVar[frozenset[str]]  # "text", "image", "composed"
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    @classmethod
+    def build(cls, cfg: Any, ctx: BuildContext) -> Method: ...
+
+    @classmethod
+    def from_exported(cls, exported: dict[str, Any]) -> Method: ...
+
+    def export_config(self) -> dict[str, Any]:
+        """Everything needed to rebuild the network from a checkpoint (no weights); includes "method"."""
+        ...
+
+    def item_fn(self, tokenizer: Any) -> ItemFn:
+        """Method-specific preparation of one training item: (record, base fields) -> extra fields."""
+        ...
 
     def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput: ...
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
+    def encode_query(self, query: QueryBatch) -> Embedded: ...
 
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def encode_gallery(self, images: torch.Tensor) -> Embedded: ...
 
-    def new_module_prefixes(self) -> tuple[str, ...]:
-        """Parameter-name prefixes of randomly initialised modules (they get a larger learning rate)."""
+    def query_transform(self) -> Transform:
+        """Evaluation-time transform of query images (image and composed queries)."""
         ...
 
-    def export_config(self) -> dict[str, Any]:
-        """Everything needed to rebuild the network from a checkpoint (no weights)."""
+    def gallery_transform(self) -> Transform:
+        """Evaluation-time transform of gallery images."""
         ...
+
+    def param_rules(self) -> list[ParamRule]:
+        """Optimiser rules by parameter-name prefix (heads with their own learning rate, no-decay tensors)."""
+        ...
+
+    # nn.Module's API, which every method has
+    def parameters(self, recurse: bool = True) -> Any: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """A second scoring stage: re-score stage 1's top `rerank_depth` gallery items of each query.
+
+    `rerank(query, candidates)` gets the queries' normalised Embedded and the shortlist (ids, first-stage
+    scores, stored vectors and extras) and returns (Q, K') final scores; the caller re-sorts by them.
+    """
+
+    rerank_depth: int
+
+    def rerank(self, query: Embedded, candidates: Candidates) -> torch.Tensor: ...
+
+    def gallery_extras(self) -> tuple[str, ...]:
+        """Names of the `Embedded.extras` of gallery items that `rerank` reads (stored with the index)."""
+        ...
+
+
+@runtime_checkable
+class TrainHooks(Protocol):
+    """Callbacks the trainer calls around optimisation; their state goes into the resume checkpoint."""
+
+    def on_epoch_start(self, epoch: int) -> None: ...
+
+    def after_step(self, step: int) -> None: ...
+
+    def hook_state_dict(self) -> dict[str, Any]: ...
+
+    def load_hook_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def supports_query(method: Method, kind: str) -> bool:
+    """Whether `method` answers queries of `kind` ("text", "image", "composed") natively."""
+    return kind in method.query_kinds

@@ -1,4 +1,4 @@
-"""HTTP search service and web page over a `xmr.retriever.Retriever`.
+"""HTTP search service and web page over a `xmr.search.retriever.Retriever`.
 
     from xmr.serve import ServeSettings, create_app, run
     run(xmr.load("gallery.index"), ServeSettings(port=8000, api_key="secret"))

@@ -169,7 +169,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 async def _xmr_error(request: Request, exc: XmrError) -> JSONResponse:
     # Retriever errors are written for people (e.g. UnsupportedQuery for a composed query).
-    # Matched by name: importing xmr.retriever here would pull in torch for a mere isinstance.
+    # Matched by name: importing xmr.search.retriever here would pull in torch for a mere isinstance.
     unsupported = any(c.__name__ == "UnsupportedQuery" for c in type(exc).__mro__)
     code = "unsupported_query" if unsupported else "query_error"
     return JSONResponse(error_body(code, str(exc)), status_code=400)
@@ -322,7 +322,7 @@ def _web_routes(app: FastAPI) -> None:
 # Factory
 # ---------------------------------------------------------------------------------------------
 def create_app(retriever: Any, settings: ServeSettings | None = None) -> FastAPI:
-    """The service over `retriever` (an `xmr.retriever.Retriever` or anything with its interface)."""
+    """The service over `retriever` (an `xmr.search.retriever.Retriever` or anything with its interface)."""
     settings = settings or ServeSettings()
     service = Service(retriever, settings)
 

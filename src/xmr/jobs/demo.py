@@ -23,7 +23,7 @@ from xmr.evaluation.evaluator import (
     write_report,
 )
 from xmr.evaluation.metrics import retrieval_metrics, topk_bounded
-from xmr.experiment import LoadedModel, load_checkpoint, run_training
+from xmr.jobs.train import LoadedModel, load_checkpoint, run_training
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,9 @@ def run_demo(config_path: str | Path, work_dir: str | Path = ".cache/demo", over
 def build_gallery_index(checkpoint: str | Path, images: str | Path, work_dir: str | Path, *,
                         kind: str = "flat", progress: bool = True) -> Path:
     """Embed a folder of images with `checkpoint` and index them (both steps reuse what is already done)."""
-    from xmr.embed import embed_images, model_fingerprint
+    from xmr.search.embed import embed_images, model_fingerprint
     from xmr.index import read_manifest
-    from xmr.indexing import add_to_index, build_index
+    from xmr.search.indexing import add_to_index, build_index
 
     work_dir = Path(work_dir)
     model_id = model_fingerprint(checkpoint)

@@ -260,13 +260,13 @@ def embed_images(source: str | Path, checkpoint: str | Path, out: str | Path, *,
     """Embed every image under `source` (folder or list file) with `checkpoint` into `out` (resumable).
 
     `on_progress(n)` is called after each batch with the number of images it handled (used by
-    `xmr.embed_parallel` to drive one progress bar for several processes). `compile` runs the image
-    tower through torch.compile (see `xmr.encoding`; worth it for large galleries only).
+    `xmr.search.embed_parallel` to drive one progress bar for several processes). `compile` runs the image
+    tower through torch.compile (see `xmr.methods.inference`; worth it for large galleries only).
     """
     from tqdm.auto import tqdm
 
-    from xmr.encoding import prepare_encoder
-    from xmr.experiment import load_checkpoint
+    from xmr.methods.inference import prepare_encoder
+    from xmr.jobs.train import load_checkpoint
 
     start = time.perf_counter()
     root, paths = list_images(source)

@@ -56,7 +56,7 @@ def embed(
 ) -> None:
     """Embed every image of a folder into OUT. Unreadable files are skipped and listed in OUT/failed.jsonl.
     Killed? Run the same command again: it continues where it stopped, embedding each image exactly once."""
-    from xmr.embed import embed_images, parse_shard
+    from xmr.search.embed import embed_images, parse_shard
 
     _check_precision(precision)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,7 +66,7 @@ def embed(
         if processes == 1:
             out = out / f"shard-{rank:03d}"
     if processes > 1:
-        from xmr.embed_parallel import embed_images_parallel
+        from xmr.search.embed_parallel import embed_images_parallel
 
         result: Any = embed_images_parallel(images, checkpoint, out, processes=processes, shard=parse_shard(shard),
                                             batch_size=batch_size, num_workers=workers, precision=precision,
@@ -91,7 +91,7 @@ def index_build(
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Index parameter key=value (repeatable): hnsw M (32), efConstruction (80), efSearch (128); ivfpq nlist, nprobe, rerank (auto by gallery size when the index is saved), m (64), nbits (8); milvus uri, token, collection.")] = None,
 ) -> None:
     """Create an index from embedding directories (shards of one run merge into one index)."""
-    from xmr.indexing import build_index
+    from xmr.search.indexing import build_index
 
     update = build_index(embeddings, out, backend=backend, kind=kind, params=_parse_params(param))
     typer.echo(f"{update.index}: {update.count} items ({update.skipped} duplicates skipped)")
@@ -103,7 +103,7 @@ def index_add(
     embeddings: Annotated[list[Path], typer.Argument(help="Embedding dirs with new images.")],
 ) -> None:
     """Add new images to an index without rebuilding it (images already indexed are skipped)."""
-    from xmr.indexing import add_to_index
+    from xmr.search.indexing import add_to_index
 
     update = add_to_index(index, embeddings)
     typer.echo(f"{update.index}: +{update.added} ({update.skipped} already there), {update.count} items")
@@ -115,7 +115,7 @@ def index_remove(
     items: Annotated[list[str], typer.Argument(help="Image paths (relative, as `xmr index info --list` shows) or ids.")],
 ) -> None:
     """Remove images from an index (saved atomically; the previous version stays valid until the switch)."""
-    from xmr.indexing import remove_from_index
+    from xmr.search.indexing import remove_from_index
 
     update = remove_from_index(index, items)
     typer.echo(f"{update.index}: -{update.removed}, {update.count} items")
@@ -152,7 +152,7 @@ def search(
 ) -> None:
     """Search an index by a sentence, by an example image, or by an image plus a sentence that changes it."""
     from xmr.data.images import load_image
-    from xmr.retriever import load
+    from xmr.search.retriever import load
 
     _check_precision(precision)
     if k < 1:
@@ -200,7 +200,7 @@ def serve(
 
     Further limits are read from XMR_SERVE_<FIELD> variables, e.g. XMR_SERVE_MAX_K=50.
     """
-    from xmr.retriever import load
+    from xmr.search.retriever import load
     from xmr.serve import ServeSettings, run
 
     _check_precision(precision)

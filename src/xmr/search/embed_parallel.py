@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmr.embed import EmbedResult, embed_images
+from xmr.search.embed import EmbedResult, embed_images
 from xmr.errors import XmrError
 
 
@@ -77,7 +77,7 @@ def embed_images_parallel(source: str | Path, checkpoint: str | Path, out: str |
     """
     from tqdm.auto import tqdm
 
-    from xmr.embed import list_images
+    from xmr.search.embed import list_images
 
     if processes < 1:
         raise XmrError(f"--processes must be >= 1, got {processes}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xmr.encoding import autocast, prepare_encoder
+from xmr.methods.inference import autocast, prepare_encoder
 from xmr.errors import XmrError
 
 COMPOSE_MODES = ("native", "sum")
@@ -51,7 +51,7 @@ class Retriever:
                  device: str = "cpu", compose: str | None = None, check_model: bool = True,
                  compile: bool = False) -> None:
         from xmr.data.transforms import build_transform
-        from xmr.embed import model_fingerprint
+        from xmr.search.embed import model_fingerprint
 
         if compose is not None and compose not in COMPOSE_MODES:
             raise XmrError(f"compose={compose!r}: use one of {COMPOSE_MODES} or None")
@@ -153,9 +153,9 @@ def load(index: str | Path, checkpoint: str | Path | None = None, *, device: str
          precision: str = "bf16", compose: str | None = None, mmap: bool = False, compile: bool = False) -> Retriever:
     """Open an index and the checkpoint that built it (default: the one its manifest records).
 
-    `precision` ("fp32" | "bf16" | "fp16") and `compile` choose the query encoders' recipe (`xmr.encoding`).
+    `precision` ("fp32" | "bf16" | "fp16") and `compile` choose the query encoders' recipe (`xmr.methods.inference`).
     """
-    from xmr.experiment import load_checkpoint
+    from xmr.jobs.train import load_checkpoint
     from xmr.index import open_index
 
     opened = open_index(index, mmap=mmap)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xmr.embed import EmbeddingStore, find_stores
+from xmr.search.embed import EmbeddingStore, find_stores
 from xmr.errors import XmrError
 
 

@@ -1,4 +1,4 @@
-"""Command line: `xmr train`, `xmr evaluate`, `xmr demo`; `xmr embed/index/search/serve` live in cli_search.
+"""Command line: `xmr train`, `xmr evaluate`, `xmr demo`; `xmr embed/index/search/serve` live in cli/search.py.
 
 Errors caused by input (a missing file, a malformed annotation, a wrong checkpoint, a bad config
 key) print one readable line and exit with status 2; `--debug` shows the traceback instead.
@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from xmr.cli_search import register as register_search_commands
+from xmr.cli.search import register as register_search_commands
 from xmr.errors import XmrError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -45,7 +45,7 @@ def train(
     Multi-process: `torchrun --nproc_per_node N -m xmr.cli train --config ...` (DDP; gloo on CPU)."""
     from xmr.config import load_config
     from xmr.evaluation.evaluator import format_table
-    from xmr.experiment import run_training
+    from xmr.jobs.train import run_training
     from xmr.viz import training_curves
 
     cfg = load_config(config, set_ or [])
@@ -75,7 +75,7 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint: Rank-1/5/10, mAP, mINP (t2i; --i2t adds image-to-text), printed and saved as JSON."""
     from xmr.evaluation.evaluator import format_table
-    from xmr.jobs import evaluate_checkpoint
+    from xmr.jobs.demo import evaluate_checkpoint
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise typer.BadParameter("use fp32, bf16 or fp16", param_hint="--precision")
@@ -98,7 +98,7 @@ def demo(
     """End to end on embedded data: generate synthetic pedestrians (CUHK-PEDES layout), train a small IRRA
     model on CPU (cached after the first run), evaluate it on the test split, draw a top-5 grid, index the
     demo gallery and serve the search page on http://127.0.0.1:PORT/ (Ctrl-C stops it)."""
-    from xmr.jobs import run_demo
+    from xmr.jobs.demo import run_demo
 
     summary = run_demo(config, work_dir, tuple(set_ or []), retrain=retrain)
     typer.echo("")
@@ -112,8 +112,8 @@ def demo(
     Path(summary["run_dir"], "demo_summary.json").write_text(json.dumps(
         {k: v for k, v in summary.items() if k != "table"}, indent=2))
     if serve:
-        from xmr.cli_search import limit_threads_per_query
-        from xmr.retriever import load
+        from xmr.cli.search import limit_threads_per_query
+        from xmr.search.retriever import load
         from xmr.serve import ServeSettings, run
 
         settings = ServeSettings(host="127.0.0.1", port=port)
@@ -139,6 +139,3 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
 
-
-if __name__ == "__main__":
-    main()

@@ -32,25 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from xmr.precision import PRECISIONS, autocast, precision_dtype  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precision_dtype(precision: str) -> torch.dtype | None:
-    """The low-precision dtype of a precision name (None for fp32); raises on an unknown name."""
-    if precision not in _DTYPES:
-        raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
-    return _DTYPES[precision]
-
-
-def autocast(device: torch.device | str, precision: str) -> torch.autocast:
-    """Autocast context for `precision` on `device` (disabled for fp32)."""
-    device = torch.device(device)
-    dtype = precision_dtype(precision)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
 
 def set_threads(threads: int | None) -> int:
     """Set torch's intra-op thread count when given (a process-wide setting); returns the count in use."""

@@ -1,0 +1,3 @@
+from xmr.cli.app import main
+
+main()
