@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from xmr import losses
+from xmr.methods.base import ParamRule
 
 
 class QuickGELU(nn.Module):
@@ -136,7 +137,8 @@ class CrossModalInteraction(nn.Module):
 class ReferenceIRRA(nn.Module):
     """sdm + id + mlm (the objective of `xmr.methods.irra.IRRA`) on the plain towers above."""
 
-    def __init__(self, clip_cfg, irra_cfg, need_weights: bool = True) -> None:
+    def __init__(self, clip_cfg, irra_cfg, need_weights: bool = True, *, num_classes: int = 0,
+                 vocab_size: int = 49409) -> None:
         super().__init__()
         self.cfg = irra_cfg
         width = clip_cfg.embed_dim
@@ -145,23 +147,24 @@ class ReferenceIRRA(nn.Module):
             self.fusion = CrossModalInteraction(width, irra_cfg.cmt_depth, need_weights)
             self.mlm_head = nn.Sequential(OrderedDict([
                 ("dense", nn.Linear(width, width)), ("gelu", QuickGELU()), ("ln", nn.LayerNorm(width)),
-                ("fc", nn.Linear(width, irra_cfg.vocab_size))]))
+                ("fc", nn.Linear(width, vocab_size))]))
         if "id" in irra_cfg.losses:
-            self.classifier = nn.Linear(width, irra_cfg.num_classes)
+            self.classifier = nn.Linear(width, num_classes)
         self.register_buffer("logit_scale", torch.tensor(1.0 / irra_cfg.temperature), persistent=False)
 
     @classmethod
     def from_ours(cls, model: nn.Module, need_weights: bool = True) -> ReferenceIRRA:
         """A reference model holding a copy of the weights of our `IRRA` model (same keys, strict load)."""
-        ref = cls(model.clip.config, model.cfg, need_weights)
+        ref = cls(model.clip.config, model.cfg, need_weights, num_classes=model.num_classes,
+                  vocab_size=model.vocab_size)
         ref.load_state_dict(model.state_dict(), strict=True)
         return ref
 
-    def new_module_prefixes(self) -> tuple[str, ...]:
-        return ("fusion.", "mlm_head.", "classifier.")
+    def param_rules(self) -> list[ParamRule]:
+        return [ParamRule("fusion."), ParamRule("mlm_head."), ParamRule("classifier.")]
 
     def weight(self, name: str) -> float:
-        return float(self.cfg.weights.get(name, 1.0))
+        return self.cfg.weight(name)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Returns {"total": loss, <part>: weighted part}."""

@@ -32,7 +32,7 @@ from _reference_irra import ReferenceIRRA
 
 from xmr.config import OptimConfig, load_config
 from xmr.engine.optim import build_param_groups
-from xmr.methods import build_method
+from xmr.methods import BuildContext, build_method
 
 # (image size, context length, batch, vocabulary incl. sot/eot/mask): the demo's BPE has ~820 tokens,
 # CLIP's has 49,408 + the added mask token.
@@ -44,9 +44,9 @@ NUM_CLASSES = 1000
 CURVE_RTOL = 0.02
 
 
-class _Tokenizer:
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size, self.eot_id = vocab_size, vocab_size - 2
+def _context(cfg, vocab: int) -> BuildContext:
+    return BuildContext(backbone=cfg.model, num_classes=NUM_CLASSES, vocab_size=vocab, eot_id=vocab - 2,
+                        mask_id=vocab - 1, context_length=cfg.data.context_length)
 
 
 def synthetic_batch(image_size, context: int, batch: int, vocab: int, num_classes: int = NUM_CLASSES,
@@ -74,12 +74,12 @@ def build_ours(model_name: str, grad_checkpointing: bool = False, seed: int = 0)
                              f"data.context_length={context}",
                              f"model.grad_checkpointing={str(grad_checkpointing).lower()}"])
     torch.manual_seed(seed)
-    return build_method(cfg, NUM_CLASSES, _Tokenizer(vocab))
+    return build_method(cfg.method, _context(cfg, vocab))
 
 
 def make_optimizer(model: torch.nn.Module, impl: str) -> torch.optim.Optimizer:
     """The recipe's Adam (OptimConfig defaults, per-group lr) as a for-loop ("loop") or fused kernel ("fused")."""
-    groups = build_param_groups(model, OptimConfig(), model.new_module_prefixes())
+    groups = build_param_groups(model, OptimConfig(), model.param_rules())
     for group in groups:
         group.pop("names")
     cfg = OptimConfig()

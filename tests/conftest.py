@@ -28,7 +28,7 @@ def tiny_overrides(data_root: Path, output_dir: Path, **extra: object) -> list[s
         "model.clip": "tiny",
         "model.pretrained": None,
         "model.image_size": [64, 32],
-        "model.cmt_depth": 1,
+        "method.cmt_depth": 1,
         "data.format": "cuhk_pedes",
         "data.root": str(data_root),
         "data.tokenizer": None,
@@ -70,7 +70,7 @@ def search_model(tiny_pedes, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("search-model") / "run"
     cfg = load_config(REPO / "configs/demo.yaml", tiny_overrides(
         tiny_pedes, run, **{"optim.epochs": 25, "train.max_steps_per_epoch": None, "optim.lr": 1e-3,
-                            "model.clip_overrides": {"vision.patch_size": 8}, "loss.names": ["itc"], "model.temperature": 0.05, "train.eval_every": 25,
+                            "model.clip_overrides": {"vision.patch_size": 8}, "method.losses": ["itc"], "method.temperature": 0.05, "train.eval_every": 25,
                             "train.log_every": 50, "data.erase_p": 0.0}))
     run_training(cfg)
     return run / "last"

@@ -27,12 +27,14 @@ def tokenize(captions: list[str]) -> torch.Tensor:
     return out
 
 
-def mask_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_first(record: ImageText, item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A method's item_fn: extra fields from the record and the base fields."""
+    ids = item["ids"]
     labels = torch.zeros_like(ids)
     labels[0] = ids[0]
     masked = ids.clone()
     masked[0] = 1
-    return masked, labels
+    return {"mlm_ids": masked, "mlm_labels": labels}
 
 
 @pytest.fixture
@@ -46,7 +48,7 @@ def records(tmp_path: Path) -> list[ImageText]:
 
 
 def test_item_contents(records: list[ImageText]) -> None:
-    ds = ImageTextDataset(records, TestTransform(SIZE), tokenize, mlm=mask_first)
+    ds = ImageTextDataset(records, TestTransform(SIZE), tokenize, item_fn=mask_first)
     item = ds[4]
     assert item["images"].shape == (3, 16, 8) and item["images"].dtype == torch.float32
     assert item["ids"].shape == (12,) and item["ids"].dtype == torch.long
@@ -174,3 +176,10 @@ def test_identity_sampler_errors() -> None:
         IdentitySampler([0, 0, 1, 1], batch_size=8, num_instances=2)
     with pytest.raises(ConfigError, match="rank"):
         IdentitySampler([0, 1], batch_size=2, num_instances=1, rank=2, world_size=2)
+
+
+def test_identity_sampler_refuses_records_without_identity() -> None:
+    pids: list[int | None] = [0, 0, 1, None, 1, None]
+    with pytest.raises(ConfigError, match=r"2 of 6 training records have no identity.*data\.sampler=random"):
+        IdentitySampler(pids, batch_size=2, num_instances=1)
+    assert len(IdentitySampler([0, 0, 1, 1], batch_size=2, num_instances=1)) == 4

@@ -15,7 +15,8 @@ from conftest import REPO, tiny_overrides
 
 from xmr.config import load_config
 from xmr.engine.trainer import Trainer
-from xmr.jobs.train import load_checkpoint, run_training
+from xmr.jobs.train import run_training
+from xmr.methods.loading import load_checkpoint
 
 
 def train_losses(run_dir: Path) -> list[float]:

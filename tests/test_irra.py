@@ -19,7 +19,7 @@ def tiny_irra(losses=("sdm", "id", "mlm"), num_classes=5) -> IRRA:
     torch.manual_seed(0)
     cfg = get_clip_config("tiny")
     cfg.text.vocab_size, cfg.text.eot_token_id = VOCAB, VOCAB - 2
-    return IRRA(CLIP(cfg), IRRAConfig(losses=list(losses), num_classes=num_classes, vocab_size=VOCAB, cmt_depth=1))
+    return IRRA(CLIP(cfg), IRRAConfig(losses=list(losses), cmt_depth=1), num_classes=num_classes, vocab_size=VOCAB)
 
 
 def batch(model: IRRA, size=6) -> dict[str, torch.Tensor]:
@@ -60,7 +60,7 @@ def test_loss_weights_scale_parts():
     model = tiny_irra(("sdm", "id"))
     b = batch(model)
     base = model(b).parts
-    model.cfg.weights = {"id": 0.5}
+    model.cfg.id_weight = 0.5
     half = model(b).parts
     assert half["id"].item() == pytest.approx(0.5 * base["id"].item(), rel=1e-5)
     assert half["sdm"].item() == pytest.approx(base["sdm"].item(), rel=1e-5)
@@ -69,7 +69,7 @@ def test_loss_weights_scale_parts():
 def test_param_groups_follow_the_paper_factors():
     model = tiny_irra()
     cfg = OptimConfig()
-    groups = build_param_groups(model, cfg, model.new_module_prefixes())
+    groups = build_param_groups(model, cfg, model.param_rules())
     lr_of = {name: (g["lr"], g["weight_decay"]) for g in groups for name in g["names"]}
     assert lr_of["clip.visual.conv1.weight"] == (1e-5, 4e-5)
     assert lr_of["clip.visual.ln_pre.bias"] == (2e-5, 0.0)
@@ -89,14 +89,13 @@ def test_warmup_cosine_schedule():
 
 
 def test_build_method_from_recipe_and_export_round_trip(tmp_path):
-    from xmr.methods import build_method, method_from_exported
-
-    class Tok:
-        vocab_size, eot_id = 300, 298
+    from xmr.methods import BuildContext, build_method, method_from_exported
 
     cfg = load_config(None, ["model.clip=tiny", "model.image_size=[64,32]", "data.context_length=16",
                              "model.stride=12", "model.clip_overrides={vision.layers: 1}"])
-    model = build_method(cfg, 7, Tok())
+    ctx = BuildContext(backbone=cfg.model, num_classes=7, vocab_size=300, eot_id=298, mask_id=299,
+                       context_length=cfg.data.context_length)
+    model = build_method(cfg.method, ctx)
     assert model.clip.config.vision.layers == 1 and model.clip.config.vision.stride == 12
     assert model.clip.config.text.vocab_size == 300 and model.classifier.out_features == 7
     clone = method_from_exported(model.export_config())

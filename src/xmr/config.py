@@ -1,8 +1,15 @@
 """Experiment configuration: dataclasses, YAML loading with inheritance, `key=value` overrides.
 
-A config file is YAML whose top-level sections mirror `ExperimentConfig`. A file may start with
-`base: other.yaml` (path relative to the file) to inherit and override another recipe. Unknown keys
-and wrongly typed values raise `ConfigError` naming the file and the dotted key.
+A config file is YAML whose top-level sections mirror `ExperimentConfig`: what every method shares
+(`model` backbone, `data`, `optim`, `train`, `eval`) plus a `method:` section, `name` and that method's
+own fields, validated by the method's `Config` dataclass (found through `xmr.registry.METHODS`):
+
+    method: {name: irra, losses: [sdm, id, mlm], temperature: 0.02}
+
+A file may start with `base: other.yaml` (path relative to the file) to inherit and override another
+recipe. Unknown keys and wrongly typed values raise `ConfigError` naming the file and the dotted key.
+Configs of the earlier single-method shape (`method: irra` with `loss:` and IRRA fields under `model`
+and `data`) are converted on read by `upgrade_legacy`, so old recipes and checkpoints still load.
 """
 
 from __future__ import annotations
@@ -22,27 +29,14 @@ from xmr.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    """Backbone and method-specific heads."""
+    """The backbone every method builds on (CLIP towers); method heads are configured under `method:`."""
 
     clip: str = "ViT-B/16"  # a preset of xmr.models.clip.CLIP_CONFIGS
     pretrained: str | None = None  # OpenAI / open_clip / Hugging Face / IRRA checkpoint to start from
     image_size: tuple[int, int] = (384, 128)  # (H, W)
     stride: int | None = None  # patch stride; None = patch size (no overlap)
     clip_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"vision.layers": 4}
-    cmt_depth: int = 4  # layers of the cross-modal interaction encoder
-    temperature: float = 0.02  # fixed tau of the SDM / ITC losses (logit scale 1/tau)
     grad_checkpointing: bool = False
-
-
-@dataclass
-class LossConfig:
-    names: list[str] = field(default_factory=lambda: ["sdm", "id", "mlm"])
-    id_weight: float = 1.0
-    mlm_weight: float = 1.0
-    sdm_weight: float = 1.0
-    itc_weight: float = 1.0
-    cmpm_weight: float = 1.0
-    soft_label_weight: float | None = None  # SDM soft-label variant (reference code: 0.3)
 
 
 @dataclass
@@ -52,7 +46,6 @@ class DataConfig:
     tokenizer: str | None = None  # CLIP BPE .txt.gz, a Hugging Face tokenizer dir, or None to train one
     tokenizer_merges: int = 2000  # merges learnt on the training captions when tokenizer is None
     context_length: int = 77
-    mlm_probability: float = 0.15
     batch_size: int = 64
     num_workers: int = 2
     sampler: str = "random"  # random | identity
@@ -111,11 +104,21 @@ class EvalConfig:
     precision: str = "bf16"
 
 
+def method_config_class(name: str) -> type:
+    """The `Config` dataclass of registered method `name` (imports that method's module)."""
+    from xmr.registry import METHODS
+
+    return METHODS.get(name).Config
+
+
+def default_method_config() -> Any:
+    return method_config_class("irra")()
+
+
 @dataclass
 class ExperimentConfig:
-    method: str = "irra"
+    method: Any = field(default_factory=default_method_config)  # the method's own Config dataclass
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -125,8 +128,10 @@ class ExperimentConfig:
         return _to_plain(dataclasses.asdict(self))
 
     def validate(self) -> None:
+        from xmr.registry import FORMATS
+
         choices = {
-            "data.format": (self.data.format, {"cuhk_pedes", "icfg_pedes", "rstpreid", "folder"}),
+            "data.format": (self.data.format, set(FORMATS.names())),
             "data.sampler": (self.data.sampler, {"random", "identity"}),
             "data.on_error": (self.data.on_error, {"raise", "skip"}),
             "data.check_images": (self.data.check_images, {"exists", "decode", "none"}),
@@ -138,9 +143,7 @@ class ExperimentConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
-        unknown = set(self.loss.names) - {"sdm", "id", "mlm", "itc", "cmpm"}
-        if unknown or not self.loss.names:
-            raise ConfigError(f"loss.names={self.loss.names}: use a non-empty subset of sdm, id, mlm, itc, cmpm")
+        self.method.validate()
         positive = {"data.batch_size": self.data.batch_size, "optim.epochs": self.optim.epochs,
                     "train.grad_accum": self.train.grad_accum, "data.context_length": self.data.context_length}
         for key, value in positive.items():
@@ -208,7 +211,28 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     return value
 
 
+def _merge_method(cfg: ExperimentConfig, value: Any, source: str) -> None:
+    """Merge a `method:` section: `name` picks the method's Config class, the other keys are its fields."""
+    if isinstance(value, str):  # `method: irra`
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: 'method' must be a mapping with 'name' and the method's fields, got {value!r}")
+    fields = dict(value)
+    name = fields.pop("name", cfg.method.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: method.name must be a string, got {name!r}")
+    if name != cfg.method.name:
+        try:
+            cfg.method = method_config_class(name)()
+        except ConfigError as err:
+            raise ConfigError(f"{source}: method.name: {err}") from None
+    _merge_into(cfg.method, fields, "method.", source)
+
+
 def _merge_into(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+    if isinstance(obj, ExperimentConfig) and "method" in updates:
+        updates = dict(updates)
+        _merge_method(obj, updates.pop("method"), source)
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
@@ -266,7 +290,47 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# The earlier single-method shape: IRRA's fields sat in `loss`, `model` and `data` (xmr <= 0.1.0).
+_LEGACY_MODEL_KEYS = {"cmt_depth": "cmt_depth", "temperature": "temperature"}
+_LEGACY_LOSS_KEYS = {"names": "losses", "soft_label_weight": "soft_label_weight", "id_weight": "id_weight",
+                     "mlm_weight": "mlm_weight", "sdm_weight": "sdm_weight", "itc_weight": "itc_weight",
+                     "cmpm_weight": "cmpm_weight"}
+
+
+def upgrade_legacy(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Convert a config dict of the single-method shape to the `method:` shape; (new dict, was it legacy).
+
+    `method: irra` + `loss: {names, *_weight, soft_label_weight}` + `model: {cmt_depth, temperature}` +
+    `data: {mlm_probability}` become `method: {name: irra, losses, *_weight, ..., mlm_probability}`.
+    """
+    model, data_section = dict(data.get("model") or {}), dict(data.get("data") or {})
+    legacy = ("loss" in data or isinstance(data.get("method"), str)
+              or any(k in model for k in _LEGACY_MODEL_KEYS) or "mlm_probability" in data_section)
+    if not legacy:
+        return data, False
+    out = dict(data)
+    method = out.pop("method", "irra")
+    method = {"name": method} if isinstance(method, str) else dict(method or {})
+    for old, new in _LEGACY_MODEL_KEYS.items():
+        if old in model:
+            method[new] = model.pop(old)
+    for old, new in _LEGACY_LOSS_KEYS.items():
+        if old in (out.get("loss") or {}):
+            method[new] = out["loss"][old]
+    out.pop("loss", None)
+    if "mlm_probability" in data_section:
+        method["mlm_probability"] = data_section.pop("mlm_probability")
+    if "model" in out:
+        out["model"] = model
+    if "data" in out:
+        out["data"] = data_section
+    out["method"] = method
+    return out, True
+
+
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """An ExperimentConfig from a plain dict (e.g. a checkpoint's `experiment` section); legacy shapes convert."""
+    data, _ = upgrade_legacy(data)
     cfg = ExperimentConfig()
     _merge_into(cfg, data, "", source)
     cfg.validate()
@@ -276,6 +340,13 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Experiment
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Defaults <- YAML file (with its `base` chain) <- `key=value` overrides; validated."""
     data = _read_yaml(Path(path)) if path else {}
+    data, legacy = upgrade_legacy(data)
+    if legacy:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s uses the earlier config shape (loss:, model.temperature, ...); read as method: %s. "
+            "Move those fields under `method:`", path, data["method"])
     cfg = ExperimentConfig()
     _merge_into(cfg, data, "", str(path))
     for text in overrides:

@@ -17,3 +17,7 @@ class DataError(XmrError):
 
 class CheckpointError(XmrError):
     """A checkpoint file is missing, truncated, of an unknown format or does not fit the model."""
+
+
+class UnsupportedQuery(XmrError):
+    """The model cannot answer this kind of query (e.g. image + text on a text-to-image model)."""

@@ -72,16 +72,21 @@ def evaluate(
     workers: Annotated[int, typer.Option(min=0, help="Image loading worker processes.")] = 2,
     precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 autocast for encoding.")] = "bf16",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    task: Annotated[str, typer.Option(help="Task kind: person (identity matching: R1/5/10, mAP, mINP), image_text "
+                                      "(R@K both ways, RSUM) or composed (R@K, Recall_subset, mAP@K).")] = "person",
+    rerank_depth: Annotated[int | None, typer.Option("--rerank-depth", min=0, help="K' re-scored by a reranking method (default: its own; recorded in the report).")] = None,
 ) -> None:
-    """Evaluate a checkpoint: Rank-1/5/10, mAP, mINP (t2i; --i2t adds image-to-text), printed and saved as JSON."""
+    """Evaluate a checkpoint under a task kind (person: Rank-1/5/10, mAP, mINP for t2i; --i2t adds image-to-text),
+    printed and saved as JSON with its protocol. Scores go through the same two stages as `xmr search`."""
     from xmr.evaluation.evaluator import format_table
-    from xmr.jobs.demo import evaluate_checkpoint
+    from xmr.jobs.evaluate import evaluate_checkpoint
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise typer.BadParameter("use fp32, bf16 or fp16", param_hint="--precision")
     out = out or checkpoint / f"eval_{split}.json"
     result = evaluate_checkpoint(checkpoint, data, data_format=data_format, split=split, i2t=i2t, out=out,
-                                 batch_size=batch_size, num_workers=workers, precision=precision, device=device)
+                                 batch_size=batch_size, num_workers=workers, precision=precision, device=device,
+                                 task=task, rerank_depth=rerank_depth)
     typer.echo(format_table({f"{d} ({split})": m for d, m in result.results.items()}, title=str(checkpoint)))
     typer.echo(f"report: {result.report_path}")
 

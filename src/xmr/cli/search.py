@@ -138,6 +138,12 @@ def index_info(
             typer.echo(f"{id_}\t{path}")
 
 
+RerankDepthOpt = Annotated[int | None, typer.Option(
+    "--rerank-depth", min=0, max=100_000,
+    help="K' of the second stage: how many index results a reranking method re-scores (default: the method's "
+         "own; 0 = index order only). Single-stage methods (IRRA) ignore it.")]
+
+
 def search(
     index: Annotated[Path, typer.Argument(help="Index directory (from `xmr index build`).")],
     text: Annotated[str | None, typer.Argument(help="Query sentence (or the modification text with --image).")] = None,
@@ -149,8 +155,12 @@ def search(
     compose: ComposeOpt = None,
     precision: Precision = "bf16",
     mmap: MmapOpt = False,
+    rerank_depth: RerankDepthOpt = None,
 ) -> None:
-    """Search an index by a sentence, by an example image, or by an image plus a sentence that changes it."""
+    """Search an index by a sentence, by an example image, or by an image plus a sentence that changes it.
+
+    Results come from the same two stages as `xmr evaluate`: the index's top K', then the method's own
+    re-scoring when it has one (--rerank-depth sets K'; the printed `stage1` column is the index's cosine)."""
     from xmr.data.images import load_image
     from xmr.search.retriever import load
 
@@ -159,7 +169,7 @@ def search(
         raise typer.BadParameter("must be >= 1", param_hint="-k")
     if text is None and image is None:
         raise typer.BadParameter("give a query TEXT, --image, or both")
-    retriever = load(index, checkpoint, precision=precision, compose=compose, mmap=mmap)
+    retriever = load(index, checkpoint, precision=precision, compose=compose, mmap=mmap, rerank_depth=rerank_depth)
     if image is not None:
         query_image = load_image(image)
         hits = (retriever.search_composed(query_image, text, k) if text
@@ -171,9 +181,9 @@ def search(
         typer.echo(json.dumps({"query": query, "results": [h.__dict__ for h in hits]}, indent=2))
     else:
         typer.echo(f"query: {query}")
-        typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>7}  path")
+        typer.echo(f"{'rank':>4}  {'score':>7}  {'stage1':>7}  {'id':>7}  path")
         for rank, hit in enumerate(hits, 1):
-            typer.echo(f"{rank:>4}  {hit.score:>7.4f}  {hit.id:>7}  {hit.path}")
+            typer.echo(f"{rank:>4}  {hit.score:>7.4f}  {hit.first_stage_score:>7.4f}  {hit.id:>7}  {hit.path}")
     if grid is not None:
         from xmr.viz import result_grid
 

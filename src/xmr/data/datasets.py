@@ -1,7 +1,7 @@
 """torch Datasets over plain records, and a seeded DataLoader builder.
 
 Items are dicts of tensors so that the default collate stacks them:
-ImageTextDataset -> {"images", "ids", "pids", "image_ids" [, "mlm_ids", "mlm_labels"]},
+ImageTextDataset -> {"images", "ids", "pids", "image_ids"} + the method's own fields (its item_fn),
 ImageDataset -> {"images", "index"}, TextDataset -> {"ids", "index"}.
 """
 
@@ -22,7 +22,8 @@ from xmr.errors import ConfigError, DataError
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Tokenize = Callable[[list[str]], torch.Tensor]
-Mask = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+ItemFn = Callable[[ImageText, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+NO_LABEL = -1  # "pids" of records without an identity or class
 
 
 def _tokens(tokenize: Tokenize, caption: str) -> torch.Tensor:
@@ -46,8 +47,9 @@ def _image(path: str, transform: Transform, what: str) -> torch.Tensor:
 class ImageTextDataset(Dataset):
     """Training pairs: one item per (image, caption) record.
 
-    `tokenize` maps a list of captions to (N, L) token ids; `mlm`, when given, maps one caption's (L,)
-    ids to (masked ids, labels) of the same shape (masking draws from torch's RNG).
+    `tokenize` maps a list of captions to (N, L) token ids. `item_fn(record, item)`, when given, returns
+    the method's extra fields for the item (e.g. IRRA's masked caption), computed after the base fields
+    (so any random draws come after the image augmentation's). Records without an identity get pid -1.
     """
 
     def __init__(
@@ -56,10 +58,10 @@ class ImageTextDataset(Dataset):
         transform: Transform,
         tokenize: Tokenize,
         *,
-        mlm: Mask | None = None,
+        item_fn: ItemFn | None = None,
     ) -> None:
         self.records = list(records)
-        self.transform, self.tokenize, self.mlm = transform, tokenize, mlm
+        self.transform, self.tokenize, self.item_fn = transform, tokenize, item_fn
 
     def __len__(self) -> int:
         return len(self.records)
@@ -70,19 +72,15 @@ class ImageTextDataset(Dataset):
         item = {
             "images": _image(rec.image_path, self.transform, f"training record {index}"),
             "ids": ids,
-            "pids": torch.tensor(rec.pid, dtype=torch.long),
+            "pids": torch.tensor(NO_LABEL if rec.pid is None else rec.pid, dtype=torch.long),
             "image_ids": torch.tensor(rec.image_id, dtype=torch.long),
         }
-        if self.mlm is not None:
-            mlm_ids, mlm_labels = self.mlm(ids)
-            item["mlm_ids"], item["mlm_labels"] = (
-                mlm_ids.reshape(ids.shape).long(),
-                mlm_labels.reshape(ids.shape).long(),
-            )
+        if self.item_fn is not None:
+            item.update(self.item_fn(rec, item))
         return item
 
     @property
-    def pids(self) -> list[int]:
+    def pids(self) -> list[int | None]:
         """Identity of every item (for IdentitySampler)."""
         return [r.pid for r in self.records]
 
@@ -117,6 +115,31 @@ class TextDataset(Dataset):
             "ids": _tokens(self.tokenize, self.captions[index]),
             "index": torch.tensor(index, dtype=torch.long),
         }
+
+
+class QueryDataset(Dataset):
+    """Evaluation queries of any kind: {"ids"} (text), {"images"} (image) or both (composed), + "index"."""
+
+    def __init__(self, texts: Sequence[str] | None, image_paths: Sequence[str | os.PathLike] | None,
+                 tokenize: Tokenize, transform: Transform | None) -> None:
+        if texts is None and image_paths is None:
+            raise ValueError("queries need texts, images or both")
+        if texts is not None and image_paths is not None and len(texts) != len(image_paths):
+            raise ValueError(f"{len(texts)} query texts for {len(image_paths)} query images")
+        self.texts = None if texts is None else list(texts)
+        self.paths = None if image_paths is None else [str(p) for p in image_paths]
+        self.tokenize, self.transform = tokenize, transform
+
+    def __len__(self) -> int:
+        return len(self.texts if self.texts is not None else self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"index": torch.tensor(index, dtype=torch.long)}
+        if self.texts is not None:
+            item["ids"] = _tokens(self.tokenize, self.texts[index])
+        if self.paths is not None:
+            item["images"] = _image(self.paths[index], self.transform, f"query image {index}")
+        return item
 
 
 def seed_worker(worker_id: int) -> None:

@@ -9,18 +9,30 @@ import torch
 from torch import nn
 
 from xmr.config import OptimConfig
+from xmr.methods.base import ParamRule
 
 
-def build_param_groups(model: nn.Module, cfg: OptimConfig, new_module_prefixes: Sequence[str] = ()) -> list[dict]:
-    """One group per distinct (lr, weight decay): biases get `bias_lr_factor` and `bias_weight_decay`;
-    parameters under `new_module_prefixes` (randomly initialised heads) get `new_module_lr_factor`."""
+def _rule_for(name: str, rules: Sequence[ParamRule]) -> ParamRule | None:
+    return next((rule for rule in rules if name.startswith(rule.prefix)), None)
+
+
+def build_param_groups(model: nn.Module, cfg: OptimConfig, rules: Sequence[ParamRule] = ()) -> list[dict]:
+    """One group per distinct (lr, weight decay).
+
+    A parameter matching a method's `ParamRule` (first matching prefix) gets the rule's lr factor
+    (default `new_module_lr_factor`, for randomly initialised heads) and weight decay; then biases get
+    `bias_lr_factor` and `bias_weight_decay` on top.
+    """
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         lr, weight_decay = cfg.lr, cfg.weight_decay
-        if any(name.startswith(prefix) for prefix in new_module_prefixes):
-            lr *= cfg.new_module_lr_factor
+        rule = _rule_for(name, rules)
+        if rule is not None:
+            lr *= cfg.new_module_lr_factor if rule.lr_factor is None else rule.lr_factor
+            if rule.weight_decay is not None:
+                weight_decay = rule.weight_decay
         if name.endswith("bias"):
             lr *= cfg.bias_lr_factor
             weight_decay = cfg.bias_weight_decay
@@ -31,8 +43,8 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig, new_module_prefixes: 
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, new_module_prefixes: Sequence[str] = ()) -> torch.optim.Optimizer:
-    groups = build_param_groups(model, cfg, new_module_prefixes)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, rules: Sequence[ParamRule] = ()) -> torch.optim.Optimizer:
+    groups = build_param_groups(model, cfg, rules)
     for group in groups:
         group.pop("names")
     kwargs: dict = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}

@@ -1,8 +1,10 @@
 """The training loop. It knows nothing about a specific paper: it drives any `Method`.
 
-Responsibilities: optimiser and schedule, autocast, gradient accumulation, DDP, per-epoch atomic
-checkpoints (`last/`) and the best one by a validation metric (`best/`), exact resume, TensorBoard
-scalars, a JSONL log and progress bars.
+Responsibilities: optimiser (the method's `param_rules`) and schedule, autocast, gradient accumulation,
+DDP, per-epoch atomic checkpoints (`last/`) and the best one by a validation metric (`best/`), exact
+resume, TensorBoard scalars, a JSONL log and progress bars. A method that implements `TrainHooks` gets
+`on_epoch_start(epoch)` before each epoch and `after_step(step)` after each optimiser step (e.g. an EMA
+teacher update), and its `hook_state_dict()` is saved in `last/`'s trainer state and restored on resume.
 
 Reproducibility: every epoch starts from RNG states derived from (seed, epoch) and the data order is
 derived from the same pair, so resuming from the checkpoint of epoch e replays epochs e+1.. exactly
@@ -30,6 +32,7 @@ from xmr.config import OptimConfig, TrainConfig
 from xmr.engine.distributed import DistInfo, all_reduce_mean, barrier
 from xmr.engine.optim import build_optimizer, lr_factor, set_lr
 from xmr.errors import CheckpointError
+from xmr.methods.base import Method, TrainHooks
 from xmr.precision import precision_dtype
 from xmr.models.checkpoints import load_model_dir, save_model_dir
 
@@ -58,7 +61,7 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains `model` (a Method) with data from `epoch_batches(epoch)`.
+    """Trains `model` (a Method) with data from `epoch_batches(epoch)` (dicts of tensors).
 
     checkpoint_config / checkpoint_files describe the run in every saved checkpoint (the method's
     exported config, the tokenizer file...), so `best/` and `last/` are self-contained.
@@ -67,7 +70,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Method,
         epoch_batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
         steps_per_epoch: int,
         optim_cfg: OptimConfig,
@@ -75,7 +78,7 @@ class Trainer:
         *,
         device: torch.device,
         dist_info: DistInfo | None = None,
-        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        evaluate: Callable[[Method], dict[str, float]] | None = None,
         checkpoint_config: dict[str, Any] | None = None,
         checkpoint_files: dict[str, bytes] | None = None,
         samples_per_step: int = 1,
@@ -91,8 +94,8 @@ class Trainer:
         self.checkpoint_config = checkpoint_config or {}
         self.checkpoint_files = checkpoint_files or {}
         self.output_dir = Path(train_cfg.output_dir)
-        prefixes = tuple(getattr(model, "new_module_prefixes", lambda: ())())
-        self.optimizer = build_optimizer(self.module, optim_cfg, prefixes)
+        self.hooks = model if isinstance(model, TrainHooks) else None
+        self.optimizer = build_optimizer(self.module, optim_cfg, model.param_rules())
         self.scaler = torch.amp.GradScaler(device.type, enabled=train_cfg.precision == "fp16")
         self.model = self._wrap_ddp(self.module)
         self.start_epoch, self.global_step = 0, 0
@@ -121,6 +124,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "history": json.dumps(self.history),
         }
+        if self.hooks is not None:
+            state["hooks"] = self.hooks.hook_state_dict()
         buffer = io.BytesIO()
         torch.save(state, buffer)
         return buffer.getvalue()
@@ -156,6 +161,11 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self.history = json.loads(state["history"])
+        if self.hooks is not None:
+            if "hooks" not in state:
+                raise CheckpointError(f"{state_path}: no training-hook state for {type(self.module).__name__}; "
+                                      "it was written by another method")
+            self.hooks.load_hook_state_dict(state["hooks"])
         log.info("resumed from %s at epoch %d (step %d)", directory, self.start_epoch, self.global_step)
 
     # -- logging ---------------------------------------------------------------------------------
@@ -215,6 +225,8 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         seed_everything(epoch_seed(self.cfg.seed, epoch))
         self.model.train()
+        if self.hooks is not None:
+            self.hooks.on_epoch_start(epoch)
         accum = self.cfg.grad_accum
         micro_steps = self.steps_per_epoch * accum
         dtype = precision_dtype(self.cfg.precision)
@@ -230,7 +242,7 @@ class Trainer:
             else:
                 set_lr(self.optimizer, lr_factor(epoch + micro / micro_steps, self.optim_cfg))
             out = self._forward_backward(batch, dtype, sync=step_now)
-            window_samples += len(batch["pids"]) * self.dist.world_size
+            window_samples += len(next(iter(batch.values()))) * self.dist.world_size
             if step_now:
                 self._optimizer_step()
             progress.update(1)
@@ -261,6 +273,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        if self.hooks is not None:
+            self.hooks.after_step(self.global_step)
 
     def _train_record(self, epoch: int, out, speed: float) -> dict[str, Any]:
         record: dict[str, Any] = {"kind": "train", "epoch": epoch + 1, "step": self.global_step,

@@ -1,7 +1,6 @@
-"""Embed an evaluation split in batches and score it; tables and JSON reports.
+"""Embed an evaluation split in batches through a method's encoders and score it; tables and JSON reports.
 
-Library code: used by the trainer's validation callback, by `xmr evaluate`, and usable on any pair
-of encoders. Every JSON report records the protocol (dataset, split, checkpoint digest, config,
+Library code: used by the trainer's validation callback, by `xmr evaluate`, and usable on any method. Every JSON report records the protocol (dataset, split, checkpoint digest, config,
 seed, direction, tie rule, library version) so a number can be traced back to what produced it.
 """
 
@@ -9,82 +8,121 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from xmr.data.datasets import ImageDataset, TextDataset, build_loader
-from xmr.data.records import RetrievalSplit
-from xmr.methods.inference import autocast, prepare_encoder
-from xmr.evaluation.metrics import retrieval_metrics
+from xmr.atomic import atomic_write_text
+from xmr.data.datasets import ImageDataset, QueryDataset, build_loader
+from xmr.data.records import EvalSplit, RetrievalSplit
+from xmr.methods.base import Method
+from xmr.methods.inference import InferenceEncoder, prepare_encoder
+from xmr.outputs import Embedded, QueryBatch
+from xmr.precision import autocast
+
+if TYPE_CHECKING:
+    from xmr.evaluation.tasks import Task
 
 TIE_RULE = "ties are broken by gallery order (a stable descending sort): an item scoring exactly as a correct one ranks before it only if it comes first in the gallery"
 
 
 @torch.inference_mode()
-def embed_batches(encode: Callable[[torch.Tensor], torch.Tensor], loader, key: str, *, device: torch.device,
-                  precision: str = "fp32", progress: bool = False, desc: str = "embedding") -> torch.Tensor:
-    """Run `encode` over `loader` batches (field `key`), L2-normalise, return float32 (N, D) in input order.
+def embed_batches(encode: Callable[[dict[str, torch.Tensor]], Embedded], loader, *, device: torch.device,
+                  precision: str = "fp32", progress: bool = False, desc: str = "embedding") -> Embedded:
+    """Run `encode(batch)` over `loader`; return the Embedded of all items in input order, vectors
+    L2-normalised float32 (extras as the encoder gave them).
 
-    `encode` may be a method's raw encoder (autocast to `precision` here) or an `InferenceEncoder`'s,
+    `encode` may call a method's raw encoders (autocast to `precision` here) or an `InferenceEncoder`'s,
     which applies its own recipe (its inner autocast settings take precedence).
     """
     from tqdm.auto import tqdm
 
-    chunks, order = [], []
+    chunks: list[Embedded] = []
+    order = []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         with autocast(device, precision):
-            feats = encode(batch[key].to(device))
-        chunks.append(F.normalize(feats.float(), dim=-1).cpu())
+            out = encode({k: v.to(device) for k, v in batch.items() if k != "index"})
+        chunks.append(Embedded(F.normalize(out.vectors.float(), dim=-1).cpu(),
+                               {n: v.cpu() for n, v in out.extras.items()}))
         order.append(batch["index"])
-    feats = torch.cat(chunks)
     index = torch.cat(order)
-    out = torch.empty_like(feats)
-    out[index] = feats
-    return out
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(len(index))
+    vectors = torch.cat([c.vectors for c in chunks])[inverse]
+    extras = {n: torch.cat([c.extras[n] for c in chunks])[inverse] for n in (chunks[0].extras if chunks else {})}
+    return Embedded(vectors, extras)
 
 
-def embed_split(method: Any, split: RetrievalSplit, tokenize: Callable[[list[str]], torch.Tensor], transform,
-                *, batch_size: int = 128, num_workers: int = 0, device: torch.device | None = None,
-                precision: str = "fp32", progress: bool = False, compile: bool = False,
-                encoder: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(caption embeddings, image embeddings) of a split, both L2-normalised.
+def _query_batch(batch: dict[str, torch.Tensor]) -> QueryBatch:
+    return QueryBatch(ids=batch.get("ids"), images=batch.get("images"))
+
+
+def embed_queries_and_gallery(method: Method, split: EvalSplit, tokenize: Callable[[list[str]], torch.Tensor],
+                              *, batch_size: int = 128, num_workers: int = 0, device: torch.device | None = None,
+                              precision: str = "fp32", progress: bool = False, compile: bool = False,
+                              encoder: InferenceEncoder | None = None) -> tuple[Embedded, Embedded]:
+    """(query Embedded, gallery Embedded) of a split, vectors L2-normalised, through the method's encoders.
 
     The encoders run through `xmr.methods.inference.prepare_encoder(method, precision, compile=compile)`;
     pass a ready `encoder` (an InferenceEncoder) to reuse one, e.g. a compiled one, across calls.
+    Query images use the method's query-side transform, gallery images its gallery-side one.
     """
     device = device or next(method.parameters()).device
     encoder = encoder or prepare_encoder(method, precision, compile=compile, device=device)
-    images = build_loader(ImageDataset(split.image_paths, transform), batch_size, shuffle=False,
-                          num_workers=num_workers)
-    texts = build_loader(TextDataset(split.captions, tokenize), batch_size, shuffle=False, num_workers=0)
-    text_feats = embed_batches(encoder.encode_text, texts, "ids", device=device, precision=precision,
-                               progress=progress, desc="texts")
-    image_feats = embed_batches(encoder.encode_image, images, "images", device=device, precision=precision,
-                                progress=progress, desc="images")
-    return text_feats, image_feats
+    queries = QueryDataset(split.query_texts, split.query_images, tokenize, method.query_transform())
+    gallery = ImageDataset(split.gallery_paths, method.gallery_transform())
+    query_workers = num_workers if split.query_images is not None else 0
+    q = embed_batches(lambda b: encoder.encode_query(_query_batch(b)),
+                      build_loader(queries, batch_size, shuffle=False, num_workers=query_workers),
+                      device=device, precision=precision, progress=progress, desc="queries")
+    g = embed_batches(lambda b: encoder.encode_gallery(b["images"]),
+                      build_loader(gallery, batch_size, shuffle=False, num_workers=num_workers),
+                      device=device, precision=precision, progress=progress, desc="gallery")
+    return q, g
 
 
-def evaluate_split(method: Any, split: RetrievalSplit, tokenize: Callable[[list[str]], torch.Tensor], transform,
-                   *, i2t: bool = False, query_chunk: int = 1024, **embed_kwargs: Any) -> dict[str, dict[str, float]]:
-    """Text-to-image metrics (and image-to-text when asked) of a split, in %."""
+def embed_split(method: Method, split: RetrievalSplit, tokenize: Callable[[list[str]], torch.Tensor],
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption embeddings, image embeddings) of a person split, both L2-normalised (see above)."""
+    q, g = embed_queries_and_gallery(method, person_split(split), tokenize, **kwargs)
+    return q.vectors, g.vectors
+
+
+def person_split(split: RetrievalSplit) -> EvalSplit:
+    """A person-retrieval split as an EvalSplit: captions query images; same identity = correct."""
+    by_pid: dict[int, list[int]] = {}
+    for index, pid in enumerate(split.image_pids):
+        by_pid.setdefault(pid, []).append(index)
+    return EvalSplit(gallery_paths=list(split.image_paths), positives=[by_pid.get(p, []) for p in split.caption_pids],
+                     query_texts=list(split.captions), query_labels=list(split.caption_pids),
+                     gallery_labels=list(split.image_pids))
+
+
+def evaluate_split(method: Method, split: RetrievalSplit | EvalSplit, tokenize: Callable[[list[str]], torch.Tensor],
+                   *, task: str | Task = "person", i2t: bool = False, query_chunk: int = 1024,
+                   rerank_depth: int | None = None, **embed_kwargs: Any) -> dict[str, dict[str, float]]:
+    """Metrics (in %) of `method` on a split under a task kind (`person`, `image_text`, `composed`).
+
+    Reranking methods are scored through the same two stages as search (`evaluation/shortlist.py`) with
+    depth `rerank_depth` (default: the method's own); the depth is recorded in the results.
+    """
+    from xmr.evaluation.scoring import score_split
+
     was_training = method.training
     method.eval()
+    eval_split = person_split(split) if isinstance(split, RetrievalSplit) else split
     start = time.perf_counter()
-    text_feats, image_feats = embed_split(method, split, tokenize, transform, **embed_kwargs)
+    queries, gallery = embed_queries_and_gallery(method, eval_split, tokenize, **embed_kwargs)
     embed_s = time.perf_counter() - start
-    caption_pids = torch.as_tensor(split.caption_pids)
-    image_pids = torch.as_tensor(split.image_pids)
-    results = {"t2i": retrieval_metrics(text_feats, image_feats, caption_pids, image_pids, query_chunk=query_chunk)}
-    if i2t:
-        results["i2t"] = retrieval_metrics(image_feats, text_feats, image_pids, caption_pids, query_chunk=query_chunk)
-    results["t2i"]["embed_seconds"] = embed_s
+    results = score_split(method, task, eval_split, queries, gallery, i2t=i2t, query_chunk=query_chunk,
+                          depth=rerank_depth).results
+    first = next(iter(results))
+    results[first]["embed_seconds"] = embed_s
     method.train(was_training)
     return results
 
@@ -153,7 +191,4 @@ def protocol_record(*, dataset: str, root: str, split: str, checkpoint: str | No
 def write_report(path: str | Path, results: dict[str, dict[str, float]], protocol: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"results": results, "protocol": protocol}, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps({"results": results, "protocol": protocol}, indent=2))

@@ -1,14 +1,15 @@
-"""Wiring from an ExperimentConfig to data, tokenizer, method and trainer; checkpoint loading.
+"""Training job: wiring from an ExperimentConfig to data, tokenizer, method and trainer.
 
 This is the application layer used by the CLI (and usable from Python): it composes the library
-pieces and never contains model or loss code itself.
+pieces and never contains model or loss code itself, and knows no paper: the method named by the
+config's `method:` section builds itself (`Method.build`) and prepares its own batch fields
+(`Method.item_fn`). Loading a checkpoint for inference lives in `xmr.methods.loading`.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from xmr import __version__
-from xmr.config import ExperimentConfig, config_from_dict, save_config
+from xmr.config import ExperimentConfig, save_config
 from xmr.data.datasets import ImageTextDataset, build_loader
 from xmr.data.formats import load_dataset
 from xmr.data.records import DatasetSplits
@@ -26,13 +27,13 @@ from xmr.engine.distributed import DistInfo, init_distributed, resolve_device, s
 from xmr.engine.trainer import Trainer, TrainResult
 from xmr.errors import CheckpointError, ConfigError
 from xmr.evaluation.evaluator import evaluate_split, flat_metrics
-from xmr.methods import build_method, method_from_exported
-from xmr.models.checkpoints import load_model_dir
+from xmr.methods import build_method
+from xmr.methods.base import BuildContext, Method
+from xmr.methods.loading import TOKENIZER_FILE
 from xmr.text.bpe_train import train_bpe
-from xmr.text.tokenizer import ClipTokenizer, mask_tokens
+from xmr.text.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILE = "tokenizer.txt.gz"
 
 
 def prepare_tokenizer(source: str | None, captions: list[str], merges: int) -> ClipTokenizer:
@@ -60,19 +61,19 @@ def _tokenize(tokenizer: ClipTokenizer, context_length: int, texts: list[str]) -
     return tokenizer(texts, context_length=context_length)
 
 
-def _mask_one(tokenizer: ClipTokenizer, probability: float, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    masked, labels = mask_tokens(ids.unsqueeze(0), mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                                 special_ids=tokenizer.special_ids, prob=probability)
-    return masked[0], labels[0]
+def build_context(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: ClipTokenizer) -> BuildContext:
+    return BuildContext(backbone=cfg.model, num_classes=splits.num_train_ids, vocab_size=tokenizer.vocab_size,
+                        eot_id=tokenizer.eot_id, mask_id=tokenizer.mask_id,
+                        special_ids=tuple(tokenizer.special_ids), context_length=cfg.data.context_length)
 
 
 def build_train_loader(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: ClipTokenizer,
-                       dist_info: DistInfo):
+                       dist_info: DistInfo, method: Method):
     """Returns (epoch -> iterable of batches, optimizer steps per epoch)."""
     transform = build_transform(cfg.data.augment, tuple(cfg.model.image_size), flip_p=cfg.data.flip_p,
                                 pad=cfg.data.pad, erase_p=cfg.data.erase_p)
-    mlm = partial(_mask_one, tokenizer, cfg.data.mlm_probability) if "mlm" in cfg.loss.names else None
-    dataset = ImageTextDataset(splits.train, transform, tokenize_fn(tokenizer, cfg.data.context_length), mlm=mlm)
+    dataset = ImageTextDataset(splits.train, transform, tokenize_fn(tokenizer, cfg.data.context_length),
+                               item_fn=method.item_fn(tokenizer))
     per_rank = cfg.data.batch_size // dist_info.world_size
     if per_rank < 1 or cfg.data.batch_size % dist_info.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the "
@@ -116,8 +117,8 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainResul
         for note in splits.notes:
             log.info("%s: %s", splits.name, note)
         tokenizer = prepare_tokenizer(cfg.data.tokenizer, [r.caption for r in splits.train], cfg.data.tokenizer_merges)
-        method = build_method(cfg, splits.num_train_ids, tokenizer)
-        epoch_batches, steps = build_train_loader(cfg, splits, tokenizer, dist_info)
+        method = build_method(cfg.method, build_context(cfg, splits, tokenizer))
+        epoch_batches, steps = build_train_loader(cfg, splits, tokenizer, dist_info, method)
         output = Path(cfg.train.output_dir)
         evaluate = None
         if splits.val is not None and len(splits.val.captions):
@@ -144,11 +145,10 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainResul
 
 def _validation_callback(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: ClipTokenizer,
                          device: torch.device):
-    transform = build_transform(False, tuple(cfg.model.image_size))
     tokenize = tokenize_fn(tokenizer, cfg.data.context_length)
 
-    def evaluate(method) -> dict[str, float]:
-        results = evaluate_split(method, splits.val, tokenize, transform, batch_size=cfg.eval.batch_size,
+    def evaluate(method: Method) -> dict[str, float]:
+        results = evaluate_split(method, splits.val, tokenize, batch_size=cfg.eval.batch_size,
                                  num_workers=cfg.eval.num_workers, device=device, precision=cfg.eval.precision,
                                  query_chunk=cfg.eval.query_chunk)
         return flat_metrics(results)
@@ -156,7 +156,7 @@ def _validation_callback(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer
     return evaluate
 
 
-def checkpoint_config(cfg: ExperimentConfig, method, splits: DatasetSplits) -> dict[str, Any]:
+def checkpoint_config(cfg: ExperimentConfig, method: Method, splits: DatasetSplits) -> dict[str, Any]:
     return {
         "xmr_version": __version__,
         "model": method.export_config(),
@@ -179,43 +179,3 @@ def _git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint ready for inference: method (eval mode), tokenizer, image size and its config."""
-
-    method: Any
-    tokenizer: ClipTokenizer
-    image_size: tuple[int, int]
-    context_length: int
-    config: dict[str, Any]
-    path: str
-
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(texts, context_length=self.context_length)
-
-    def experiment(self) -> ExperimentConfig | None:
-        data = self.config.get("experiment")
-        return config_from_dict(data, f"{self.path}/config.yaml") if data else None
-
-
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an xmr checkpoint directory (`best/` or `last/` of a run) for inference."""
-    directory = Path(directory)
-    config, weights = load_model_dir(directory)
-    if "model" not in config:
-        raise CheckpointError(f"{directory}/config.yaml has no 'model' section: not an xmr method checkpoint")
-    method = method_from_exported(config["model"])
-    missing, unexpected = method.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        key = (missing or unexpected)[0]
-        kind = "missing from" if missing else "unexpected in"
-        raise CheckpointError(f"{directory}/model.safetensors: key '{key}' is {kind} the checkpoint")
-    tokenizer_path = directory / config.get("tokenizer", TOKENIZER_FILE)
-    if not tokenizer_path.is_file():
-        raise CheckpointError(f"{directory}: tokenizer file {tokenizer_path.name} is missing")
-    tokenizer = ClipTokenizer.from_bpe_file(tokenizer_path)
-    method.to(device).eval()
-    return LoadedModel(method, tokenizer, tuple(config["image_size"]), int(config["context_length"]), config,
-                       str(directory))

@@ -1,9 +1,10 @@
-"""Inference fast path for a method's two encoders: precision, torch.compile with freezing, threads.
+"""Inference fast path for a method's encoders: precision, torch.compile with freezing, threads.
 
-`InferenceEncoder(method, precision=..., compile=...)` wraps a method (anything with `encode_image` /
-`encode_text`, e.g. IRRA) and gives plain callables `encode_image(images)` / `encode_text(ids)` that
-return float32 global features with the *same meaning* as the method's own encoders (not normalised:
-callers normalise, as the evaluator does). Everything runs under `torch.inference_mode()`.
+`InferenceEncoder(method, precision=..., compile=...)` wraps any `Method` and gives
+`encode_query(QueryBatch) -> Embedded` and `encode_gallery(images) -> Embedded` with the *same meaning*
+as the method's own (float32 vectors, not normalised: callers normalise, as the evaluator does; extras
+float32). Each query kind (text, image, composed) and the gallery side is its own compiled graph.
+Everything runs under `torch.inference_mode()`.
 
 Recipes (kept by measurement on a 2-core Sapphire Rapids with AMX, see `benchmarks/encode.py`):
 - ``fp32``: the method as is; the accuracy reference.
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xmr.methods.base import Method
+from xmr.outputs import Embedded, QueryBatch
 from xmr.precision import PRECISIONS, autocast, precision_dtype  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -80,16 +83,28 @@ def inference_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
     return copy.deepcopy(module, memo).eval()
 
 
-class _Tower(nn.Module):
-    """One encoder of a method as a module: forward = method.<name> (so it can be compiled and frozen)."""
+SIDES = ("text", "image", "composed", "gallery")
 
-    def __init__(self, method: nn.Module, name: str) -> None:
+
+class _Tower(nn.Module):
+    """One side of a method as a module of plain tensors (so it can be compiled and frozen).
+
+    forward(ids, images) -> (vectors, extras) of method.encode_query (text / image / composed) or
+    method.encode_gallery (gallery); the unused input is None.
+    """
+
+    def __init__(self, method: nn.Module, side: str) -> None:
         super().__init__()
         self.method = method
-        self.name = name
+        self.side = side
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self.method, self.name)(x)
+    def forward(self, ids: torch.Tensor | None, images: torch.Tensor | None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.side == "gallery":
+            out = self.method.encode_gallery(images)
+        else:
+            out = self.method.encode_query(QueryBatch(ids=ids, images=images))
+        return out.vectors, out.extras
 
 
 def _method_device(method: Any) -> torch.device:
@@ -103,8 +118,7 @@ class InferenceEncoder:
     """Fast, thread-safe inference encoders of a method; outputs float32 features like the method's.
 
     Args:
-        method: an object with `encode_image(images)` and `encode_text(ids)` (an nn.Module for
-            `cast_weights` / `compile`).
+        method: a `Method` (an nn.Module for `cast_weights` / `compile`).
         precision: "fp32" (reference), "bf16" or "fp16".
         compile: torch.compile the towers (inductor, with weight freezing); falls back to eager with a
             warning when inductor cannot run here. The first call per input shape pays the compile time.
@@ -117,7 +131,7 @@ class InferenceEncoder:
         device: where inputs are moved; defaults to the method's device.
     """
 
-    def __init__(self, method: Any, precision: str = "fp32", *, compile: bool = False,
+    def __init__(self, method: Method, precision: str = "fp32", *, compile: bool = False,
                  cast_weights: bool | None = None, freeze: bool = True, threads: int | None = None,
                  device: torch.device | str | None = None) -> None:
         self.dtype = precision_dtype(precision)
@@ -145,22 +159,27 @@ class InferenceEncoder:
             # a compiled copy is a new object, so dynamo never reuses code compiled (and frozen) for another.
             model = inference_copy(method, self.dtype if self.cast_weights else None)
         self._model = model
-        self._image = self._build(model, "encode_image")
-        self._text = self._build(model, "encode_text")
+        self._sides: dict[str, Callable[..., Any]] = {}  # built on first use: a text-only caller compiles one
 
-    def _build(self, model: Any, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _side(self, side: str) -> Callable[..., Any]:
+        if side not in self._sides:
+            self._sides[side] = self._build(self._model, side)
+        return self._sides[side]
+
+    def _build(self, model: Any, side: str) -> Callable[..., Any]:
+        tower = _Tower(model, side)
         if not self.compiled:
-            return getattr(model, name)
-        compiled = torch.compile(_Tower(model, name))
+            return tower
+        compiled = torch.compile(tower)
         freeze = self.freeze
 
-        def call(x: torch.Tensor) -> torch.Tensor:
+        def call(ids: torch.Tensor | None, images: torch.Tensor | None) -> Any:
             # Freezing is read from inductor's global config when a graph is compiled (the first call per
             # shape): `torch.compile(options={"freezing": True})` left the weights unpacked (torch 2.13).
             import torch._inductor.config as inductor_config
 
             with inductor_config.patch(freezing=freeze):
-                return compiled(x)
+                return compiled(ids, images)
 
         return call
 
@@ -169,33 +188,40 @@ class InferenceEncoder:
         return {"precision": self.precision, "cast_weights": self.cast_weights, "compile": self.compiled,
                 "freeze": self.freeze, "threads": self.threads, "device": str(self.device)}
 
-    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, is_float_input: bool) -> torch.Tensor:
-        x = x.to(self.device)
-        if self.cast_weights and is_float_input:
-            x = x.to(self.dtype)
+    def _inputs(self, ids: torch.Tensor | None, images: torch.Tensor | None):
+        if ids is not None:
+            ids = ids.to(self.device)
+        if images is not None:
+            images = images.to(self.device)
+            if self.cast_weights:
+                images = images.to(self.dtype)
+        return ids, images
+
+    def _call(self, side: str, ids: torch.Tensor | None, images: torch.Tensor | None) -> Embedded:
+        ids, images = self._inputs(ids, images)
+        precision = "fp32" if self.cast_weights else self.precision
         with self._lock, torch.inference_mode():
             try:
-                with autocast(self.device, "fp32" if self.cast_weights else self.precision):
-                    out = fn(x)
+                with autocast(self.device, precision):
+                    vectors, extras = self._side(side)(ids, images)
             except Exception as e:
                 if not self.compiled or not _is_compile_error(e):
                     raise
                 warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); encoding eagerly from now on",
                               stacklevel=3)
                 self.compiled = self.freeze = False
-                self._image, self._text = (getattr(self._model, n) for n in ("encode_image", "encode_text"))
-                fn = self._image if is_float_input else self._text
-                with autocast(self.device, "fp32" if self.cast_weights else self.precision):
-                    out = fn(x)
-        return out.float()
+                self._sides.clear()
+                with autocast(self.device, precision):
+                    vectors, extras = self._side(side)(ids, images)
+        return Embedded(vectors.float(), {name: value.float() for name, value in extras.items()})
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, D) float32 global features (not normalised), like method.encode_image."""
-        return self._run(self._image, images, True)
+    def encode_query(self, query: QueryBatch) -> Embedded:
+        """Queries (text, image or composed) -> float32 Embedded, like method.encode_query (not normalised)."""
+        return self._call(query.kind, query.ids, query.images)
 
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids -> (B, D) float32 global features (not normalised), like method.encode_text."""
-        return self._run(self._text, ids, False)
+    def encode_gallery(self, images: torch.Tensor) -> Embedded:
+        """(B, 3, H, W) gallery images -> float32 Embedded, like method.encode_gallery (not normalised)."""
+        return self._call("gallery", None, images)
 
 
 def _is_compile_error(error: Exception) -> bool:
@@ -204,7 +230,8 @@ def _is_compile_error(error: Exception) -> bool:
     return module.startswith(("torch._dynamo", "torch._inductor", "torch.fx")) or "Inductor" in type(error).__name__
 
 
-def prepare_encoder(method: Any, precision: str = "fp32", *, compile: bool = False, **options: Any) -> InferenceEncoder:
+def prepare_encoder(method: Method | InferenceEncoder, precision: str = "fp32", *, compile: bool = False,
+                    **options: Any) -> InferenceEncoder:
     """An InferenceEncoder for `method` (see its arguments); the one entry point the callers use."""
     if isinstance(method, InferenceEncoder):
         return method

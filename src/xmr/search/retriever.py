@@ -1,30 +1,33 @@
-"""The search facade: a checkpoint (encoders + tokenizer + transform) over an index of images.
+"""The search facade: a checkpoint (method + tokenizer + transforms) over an index of images.
 
 `xmr.load(index_dir)` gives a Retriever; the CLI's `xmr search` and the HTTP service both use it.
-An index remembers the model that embedded its images (`manifest.model_id`, the weights' digest);
-a Retriever refuses to pair it with another checkpoint, since the vectors would not be comparable.
+Queries go through the method's `encode_query` and the same two-stage function as evaluation
+(`xmr.evaluation.shortlist.two_stage`): stage 1 is the index's top K', stage 2 the method's `rerank`
+when it is a `Reranker` (over the candidates' stored vectors and side arrays). An index remembers the
+model that embedded its images (`manifest.model_id`, the weights' digest); a Retriever refuses to pair it
+with another checkpoint, since the vectors would not be comparable.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from xmr.methods.inference import autocast, prepare_encoder
-from xmr.errors import XmrError
+from xmr.errors import UnsupportedQuery, XmrError
+from xmr.evaluation.shortlist import Ranked, two_stage
+from xmr.evaluation.shortlist import rerank_depth as resolve_depth
+from xmr.methods.base import Reranker, supports_query
+from xmr.methods.inference import prepare_encoder
+from xmr.methods.loading import LoadedModel
+from xmr.outputs import Embedded, QueryBatch
 
 COMPOSE_MODES = ("native", "sum")
-
-
-class UnsupportedQuery(XmrError):
-    """The model cannot answer this kind of query (e.g. image + text on a text-to-image model)."""
+__all__ = ["Hit", "ModelMismatch", "Retriever", "UnsupportedQuery", "load"]
 
 
 class ModelMismatch(XmrError):
@@ -33,24 +36,27 @@ class ModelMismatch(XmrError):
 
 @dataclass
 class Hit:
+    """One result: `score` is the final score; `first_stage_score` the index's cosine (equal for one stage)."""
+
     id: int
     path: str
     score: float
+    first_stage_score: float | None = None
 
 
 class Retriever:
     """Encode queries with a loaded checkpoint and search an index; thread-safe for concurrent callers.
 
-    Composed queries (image + modifying text) use the method's own `encode_composed` when it has one.
-    Otherwise they are refused, unless `compose="sum"` is chosen: the zero-shot late-fusion baseline
-    normalise(normalise(f_image) + normalise(f_text)), which any dual encoder can do, but which is a
-    baseline, not a composed-retrieval model.
+    Composed queries (image + modifying text) use the method's own composed encoder when its
+    `query_kinds` include "composed". Otherwise they are refused, unless `compose="sum"` is chosen: the
+    zero-shot late-fusion baseline normalise(normalise(f_image) + normalise(f_text)), which any dual
+    encoder can do, but which is a baseline, not a composed-retrieval model.
+    `rerank_depth`: K' of the second stage for reranking methods (None: the method's own; 0: stage 1 only).
     """
 
-    def __init__(self, model: Any, index: Any, *, images_root: str | Path | None = None, precision: str = "bf16",
-                 device: str = "cpu", compose: str | None = None, check_model: bool = True,
-                 compile: bool = False) -> None:
-        from xmr.data.transforms import build_transform
+    def __init__(self, model: LoadedModel, index: Any, *, images_root: str | Path | None = None,
+                 precision: str = "bf16", device: str = "cpu", compose: str | None = None,
+                 check_model: bool = True, compile: bool = False, rerank_depth: int | None = None) -> None:
         from xmr.search.embed import model_fingerprint
 
         if compose is not None and compose not in COMPOSE_MODES:
@@ -66,17 +72,22 @@ class Retriever:
             raise XmrError("the index manifest records no images_root; pass images_root=")
         self.images_root = Path(root).resolve()
         self.precision, self.device = precision, torch.device(device)
-        self.transform = build_transform(False, model.image_size)
+        self.query_transform = model.method.query_transform()
         self.compose = compose
-        self._lock = threading.Lock()  # torch modules are not re-entrant across threads with autocast state
+        self.reranker = model.method if isinstance(model.method, Reranker) else None
+        self.rerank_depth = resolve_depth(model.method, rerank_depth)
         # Queries go through the inference fast path (bf16 on CPU: a bf16 copy of the weights, no per-call
         # casts); `compile` adds torch.compile + freezing (slow first query per batch shape).
         self.encoder = prepare_encoder(model.method, precision, compile=compile, device=self.device)
 
     # -- properties ------------------------------------------------------------------------------
     @property
+    def native_composed(self) -> bool:
+        return supports_query(self.model.method, "composed")
+
+    @property
     def supports_composed(self) -> bool:
-        return hasattr(self.model.method, "encode_composed") or self.compose == "sum"
+        return self.native_composed or self.compose == "sum"
 
     def __len__(self) -> int:
         return len(self.index)
@@ -85,62 +96,103 @@ class Retriever:
         m = self.index.manifest
         return {"model_id": self.model_id, "checkpoint": self.model.path, "count": len(self.index),
                 "backend": m.backend, "kind": m.kind, "dim": m.dim, "metric": m.metric,
-                "supports_composed": self.supports_composed,
-                "compose": "native" if hasattr(self.model.method, "encode_composed") else self.compose}
+                "supports_composed": self.supports_composed, "method": self.model.method.name,
+                "compose": "native" if self.native_composed else self.compose, "rerank_depth": self.rerank_depth}
 
     # -- encoding --------------------------------------------------------------------------------
+    def _images(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.query_transform(im.convert("RGB")) for im in images])
+
     @torch.inference_mode()
+    def encode(self, query: QueryBatch) -> Embedded:
+        """Queries -> Embedded with L2-normalised float32 vectors (the encoder serialises callers itself)."""
+        return self.encoder.encode_query(query.to(self.device)).normalized()
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        ids = self.model.tokenize(texts).to(self.device)
-        feats = self.encoder.encode_text(ids)  # the encoder serialises callers itself
-        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+        return self.encode(self.model.text_query(texts)).vectors.cpu().numpy()
 
-    @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
-        batch = torch.stack([self.transform(im.convert("RGB")) for im in images]).to(self.device)
-        feats = self.encoder.encode_image(batch)
-        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+        return self.encode(QueryBatch(images=self._images(images))).vectors.cpu().numpy()
 
-    @torch.inference_mode()
-    def encode_composed(self, image: Image.Image, text: str) -> np.ndarray:
-        method = self.model.method
-        if hasattr(method, "encode_composed"):
-            batch = self.transform(image.convert("RGB")).unsqueeze(0).to(self.device)
-            ids = self.model.tokenize([text]).to(self.device)
-            with self._lock, autocast(self.device, self.precision):
-                feats = method.encode_composed(batch, ids)
-            return F.normalize(feats.float(), dim=-1).cpu().numpy()
+    def _composed(self, image: Image.Image, text: str) -> Embedded:
+        if self.native_composed:
+            return self.encode(QueryBatch(ids=self.model.tokenize([text]), images=self._images([image])))
         if self.compose == "sum":
             fused = self.encode_images([image]) + self.encode_texts([text])
-            return fused / np.linalg.norm(fused, axis=-1, keepdims=True).clip(1e-12)
+            fused /= np.linalg.norm(fused, axis=-1, keepdims=True).clip(1e-12)
+            return Embedded(torch.from_numpy(fused))
         raise UnsupportedQuery(
-            f"this model ({getattr(method, 'name', type(method).__name__)}, a text-to-image model) cannot compose "
-            "an image with a modifying text; search by text or by image, use a composed-retrieval model, or "
-            "enable the late-fusion baseline (--compose sum)")
+            f"this model ({self.model.method.name}, a text-to-image model) cannot compose an image with a "
+            "modifying text; search by text or by image, use a composed-retrieval model, or enable the "
+            "late-fusion baseline (--compose sum)")
+
+    def encode_composed(self, image: Image.Image, text: str) -> np.ndarray:
+        return self._composed(image, text).vectors.cpu().numpy()
 
     # -- search ----------------------------------------------------------------------------------
-    def search_vectors(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def _stage1(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(vectors, min(k, max(len(self.index), 1)))
+
+    def _fetch(self, ids: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The candidates' stored vectors and side arrays, (Q, K', ...) with zeros in padding slots."""
+        flat = ids.reshape(-1)
+        valid = flat >= 0
+        dim = self.index.manifest.dim
+        vectors = np.zeros((len(flat), dim), dtype=np.float32)
+        extras: dict[str, np.ndarray] = {}
+        if valid.any():
+            vectors[valid] = self.index.vectors(flat[valid])
+            for name, values in self.index.extras(flat[valid], names).items():
+                full = np.zeros((len(flat), *values.shape[1:]), dtype=values.dtype)
+                full[valid] = values
+                extras[name] = full.reshape(*ids.shape, *values.shape[1:])
+        return vectors.reshape(*ids.shape, dim), extras
+
+    def rank(self, query: Embedded, k: int = 10, *, rerank_depth: int | None = None) -> Ranked:
+        """The two stages for normalised queries: index top K', then the method's rerank (if any)."""
         if k < 1:
             raise XmrError(f"k must be >= 1, got {k}")
-        scores, ids = self.index.search(np.asarray(queries, dtype=np.float32), k)
+        depth = self.rerank_depth if rerank_depth is None else int(rerank_depth)
+        if depth < 0:
+            raise XmrError(f"rerank_depth must be >= 0, got {depth}")
+        return two_stage(query, k, self._stage1, reranker=self.reranker, depth=depth if self.reranker else 0,
+                         fetch=self._fetch)
+
+    def _hits(self, ranked: Ranked) -> list[list[Hit]]:
         out = []
-        for row_scores, row_ids in zip(scores, ids):
-            out.append([Hit(int(i), self.index.path(int(i)), float(s))
-                        for s, i in zip(row_scores, row_ids) if i >= 0])
+        for scores, ids, first in zip(ranked.scores, ranked.ids, ranked.first_stage):
+            out.append([Hit(int(i), self.index.path(int(i)), float(s), float(f))
+                        for s, i, f in zip(scores, ids, first) if i >= 0])
         return out
 
-    def search_text(self, text: str, k: int = 10) -> list[Hit]:
+    def search_vectors(self, queries: np.ndarray | Embedded, k: int = 10, *,
+                       rerank_depth: int | None = None) -> list[list[Hit]]:
+        """Search with ready query vectors (rows L2-normalised) or an Embedded (with its extras)."""
+        query = queries if isinstance(queries, Embedded) else Embedded(torch.from_numpy(
+            np.ascontiguousarray(queries, dtype=np.float32)))
+        return self._hits(self.rank(query, k, rerank_depth=rerank_depth))
+
+    def search_text(self, text: str, k: int = 10, **options: Any) -> list[Hit]:
         if not text or not text.strip():
             raise XmrError("empty query text")
-        return self.search_vectors(self.encode_texts([text]), k)[0]
+        return self.search_vectors(self.encode(self.model.text_query([text])), k, **options)[0]
 
-    def search_image(self, image: Image.Image, k: int = 10) -> list[Hit]:
-        return self.search_vectors(self.encode_images([image]), k)[0]
+    def search_image(self, image: Image.Image, k: int = 10, **options: Any) -> list[Hit]:
+        return self.search_vectors(self.encode(QueryBatch(images=self._images([image]))), k, **options)[0]
 
-    def search_composed(self, image: Image.Image, text: str, k: int = 10) -> list[Hit]:
+    def search_composed(self, image: Image.Image, text: str, k: int = 10, **options: Any) -> list[Hit]:
         if not text or not text.strip():
             raise XmrError("empty modification text")
-        return self.search_vectors(self.encode_composed(image, text), k)[0]
+        return self.search_vectors(self._composed(image, text), k, **options)[0]
+
+    def search_similar(self, id: int, k: int = 10, **options: Any) -> list[Hit]:
+        """Images like indexed image `id` (itself left out), from its stored vector: nothing is re-encoded."""
+        try:
+            vector = self.index.vectors(np.asarray([int(id)], dtype=np.int64))
+        except KeyError:
+            raise KeyError(f"id {id} is not in the index") from None
+        hits = self.search_vectors(vector, k + 1, **options)[0]
+        return [h for h in hits if h.id != int(id)][:k]
 
     def image_path(self, id: int) -> Path:
         """Absolute path of an indexed image; KeyError when the id is not (or no longer) indexed."""
@@ -150,17 +202,19 @@ class Retriever:
 
 
 def load(index: str | Path, checkpoint: str | Path | None = None, *, device: str = "cpu",
-         precision: str = "bf16", compose: str | None = None, mmap: bool = False, compile: bool = False) -> Retriever:
+         precision: str = "bf16", compose: str | None = None, mmap: bool = False, compile: bool = False,
+         rerank_depth: int | None = None) -> Retriever:
     """Open an index and the checkpoint that built it (default: the one its manifest records).
 
-    `precision` ("fp32" | "bf16" | "fp16") and `compile` choose the query encoders' recipe (`xmr.methods.inference`).
+    `precision` ("fp32" | "bf16" | "fp16") and `compile` choose the query encoders' recipe
+    (`xmr.methods.inference`); `rerank_depth` the second stage's K' for reranking methods.
     """
-    from xmr.jobs.train import load_checkpoint
     from xmr.index import open_index
+    from xmr.methods.loading import load_checkpoint
 
     opened = open_index(index, mmap=mmap)
     checkpoint = checkpoint or opened.manifest.extra.get("checkpoint")
     if checkpoint is None:
         raise XmrError(f"{index}: the manifest records no checkpoint; pass checkpoint=")
     return Retriever(load_checkpoint(checkpoint, device=device), opened, precision=precision, device=device,
-                     compose=compose, compile=compile)
+                     compose=compose, compile=compile, rerank_depth=rerank_depth)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,11 +30,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from xmr.errors import XmrError
+from xmr.errors import UnsupportedQuery, XmrError
 from xmr.serve.errors import ApiError, InvalidInput, NotFound, Unauthorized, error_body
 from xmr.serve.metrics import Metrics, MetricsMiddleware
 from xmr.serve.models import (
     ERROR_RESPONSES,
+    RERANK_DEPTH_HELP,
     Health,
     MetricsResponse,
     QueryEcho,
@@ -48,7 +50,6 @@ from xmr.serve.uploads import (
     FORM_OVERHEAD_BYTES,
     BodyLimitMiddleware,
     decode_image,
-    load_indexed_image,
     make_thumbnail,
     read_upload,
 )
@@ -88,6 +89,12 @@ class Service:
         if not 1 <= k <= limit:
             raise InvalidInput(f"k must be between 1 and {limit}, got {k}", code="invalid_k")
         return k
+
+    def check_depth(self, depth: int | None) -> int | None:
+        limit = self.settings.max_rerank_depth
+        if depth is not None and not 0 <= depth <= limit:
+            raise InvalidInput(f"rerank_depth must be between 0 and {limit}, got {depth}", code="invalid_rerank_depth")
+        return depth
 
     def check_text(self, text: str | None, what: str = "query text") -> str:
         text = (text or "").strip()
@@ -133,7 +140,8 @@ class Service:
 
     def results(self, request: Request, hits: list[Any], k: int) -> list[Result]:
         base = request.scope.get("root_path", "").rstrip("/")
-        return [Result(id=int(h.id), score=float(h.score), path=self.display_path(str(h.path)),
+        return [Result(id=int(h.id), score=float(h.score), first_stage_score=getattr(h, "first_stage_score", None),
+                       path=self.display_path(str(h.path)),
                        thumbnail_url=f"{base}/api/thumbnails/{int(h.id)}", image_url=f"{base}/api/images/{int(h.id)}")
                 for h in hits[:k]]
 
@@ -169,9 +177,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 async def _xmr_error(request: Request, exc: XmrError) -> JSONResponse:
     # Retriever errors are written for people (e.g. UnsupportedQuery for a composed query).
-    # Matched by name: importing xmr.search.retriever here would pull in torch for a mere isinstance.
-    unsupported = any(c.__name__ == "UnsupportedQuery" for c in type(exc).__mro__)
-    code = "unsupported_query" if unsupported else "query_error"
+    code = "unsupported_query" if isinstance(exc, UnsupportedQuery) else "query_error"
     return JSONResponse(error_body(code, str(exc)), status_code=400)
 
 
@@ -231,21 +237,23 @@ def _search_routes(router: APIRouter) -> None:
                  summary="Images best matching a description")
     async def search_text(request: Request, query: TextQuery) -> SearchResponse:
         svc, start = service_of(request), time.perf_counter()
-        k, text = svc.check_k(query.k), svc.check_text(query.text)
-        hits = await svc.queries.run(svc.retriever.search_text, text, k)
+        k, text, depth = svc.check_k(query.k), svc.check_text(query.text), svc.check_depth(query.rerank_depth)
+        hits = await svc.queries.run(partial(svc.retriever.search_text, rerank_depth=depth), text, k)
         return _response(request, svc, hits, k, start, QueryEcho(kind="text", text=text, k=k))
 
     @router.post("/search/image", response_model=SearchResponse, responses=ERROR_RESPONSES,
                  summary="Images most similar to an uploaded image")
     async def search_image(request: Request, file: Annotated[UploadFile, File(description="JPEG, PNG, WebP...")],
-                           k: Annotated[int | None, Form()] = None) -> SearchResponse:
+                           k: Annotated[int | None, Form()] = None,
+                           rerank_depth: Annotated[int | None, Form(description=RERANK_DEPTH_HELP)] = None,
+                           ) -> SearchResponse:
         svc, start = service_of(request), time.perf_counter()
-        k = svc.check_k(k)
+        k, depth = svc.check_k(k), svc.check_depth(rerank_depth)
         data = await read_upload(file, svc.settings.max_upload_bytes)
 
         def job() -> tuple[list[Any], tuple[int, int]]:
             image = decode_image(data, svc.settings.max_image_pixels)
-            return svc.retriever.search_image(image, k), image.size
+            return svc.retriever.search_image(image, k, rerank_depth=depth), image.size
 
         hits, (w, h) = await svc.queries.run(job)
         return _response(request, svc, hits, k, start, QueryEcho(kind="image", k=k, width=w, height=h))
@@ -254,14 +262,17 @@ def _search_routes(router: APIRouter) -> None:
                  summary="Images like the uploaded one, modified as the text says (composed retrieval)")
     async def search_composed(request: Request, file: Annotated[UploadFile, File(description="Reference image")],
                               text: Annotated[str, Form(description="The modification")] = "",
-                              k: Annotated[int | None, Form()] = None) -> SearchResponse:
+                              k: Annotated[int | None, Form()] = None,
+                              rerank_depth: Annotated[int | None, Form(description=RERANK_DEPTH_HELP)] = None,
+                              ) -> SearchResponse:
         svc, start = service_of(request), time.perf_counter()
         k, text = svc.check_k(k), svc.check_text(text, "modification text")
+        depth = svc.check_depth(rerank_depth)
         data = await read_upload(file, svc.settings.max_upload_bytes)
 
         def job() -> tuple[list[Any], tuple[int, int]]:
             image = decode_image(data, svc.settings.max_image_pixels)
-            return svc.retriever.search_composed(image, text, k), image.size
+            return svc.retriever.search_composed(image, text, k, rerank_depth=depth), image.size
 
         hits, (w, h) = await svc.queries.run(job)
         return _response(request, svc, hits, k, start, QueryEcho(kind="composed", text=text, k=k, width=w, height=h))
@@ -270,14 +281,10 @@ def _search_routes(router: APIRouter) -> None:
                  summary="Images most similar to an indexed image (the image itself left out)")
     async def search_similar(request: Request, query: SimilarQuery) -> SearchResponse:
         svc, start = service_of(request), time.perf_counter()
-        k = svc.check_k(query.k)
-        path = await run_in_threadpool(svc.indexed_file, query.id)
-
-        def job() -> list[Any]:
-            image = load_indexed_image(path, svc.settings.max_image_pixels)
-            return [h for h in svc.retriever.search_image(image, k + 1) if int(h.id) != query.id]
-
-        hits = await svc.queries.run(job)
+        k, depth = svc.check_k(query.k), svc.check_depth(query.rerank_depth)
+        await run_in_threadpool(svc.indexed_file, query.id)  # 404 for an id that is not indexed
+        # The stored vector is the query: the image is not decoded or encoded again.
+        hits = await svc.queries.run(partial(svc.retriever.search_similar, rerank_depth=depth), query.id, k)
         return _response(request, svc, hits, k, start, QueryEcho(kind="similar", id=query.id, k=k))
 
 

@@ -26,19 +26,26 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+RERANK_DEPTH_HELP = ("K', how many index results the method re-scores in its second stage (reranking methods "
+                     "only; default: the method's own; 0 = index order only; at most settings.max_rerank_depth).")
+
+
 class TextQuery(BaseModel):
     text: str = Field(description="What to look for, in words.", examples=["a woman in a red jacket"])
     k: int | None = Field(default=None, description="How many results (default: settings.default_k).")
+    rerank_depth: int | None = Field(default=None, description=RERANK_DEPTH_HELP)
 
 
 class SimilarQuery(BaseModel):
     id: int = Field(description="Index id of an image from earlier results.")
     k: int | None = Field(default=None, description="How many results (default: settings.default_k).")
+    rerank_depth: int | None = Field(default=None, description=RERANK_DEPTH_HELP)
 
 
 class Result(BaseModel):
     id: int = Field(description="Index id of the image.")
-    score: float = Field(description="Similarity to the query (higher is closer).")
+    score: float = Field(description="Similarity to the query (higher is closer): the final (re-ranked) score.")
+    first_stage_score: float | None = Field(default=None, description="The index's cosine similarity (stage 1).")
     path: str = Field(description="Path relative to the served images root.")
     thumbnail_url: str
     image_url: str

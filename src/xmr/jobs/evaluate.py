@@ -1,0 +1,77 @@
+"""The evaluation job behind `xmr evaluate`: load a checkpoint, read a split, score it under a task kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from xmr.data.formats import detect_format, load_dataset
+from xmr.data.records import RetrievalSplit
+from xmr.errors import DataError
+from xmr.evaluation.evaluator import embed_queries_and_gallery, person_split, protocol_record, write_report
+from xmr.evaluation.metrics import topk_bounded
+from xmr.evaluation.scoring import score_split
+from xmr.methods.loading import LoadedModel, load_checkpoint
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics by direction, the JSON report written, and the split's normalised features (for grids)."""
+
+    results: dict[str, dict[str, float]]
+    report_path: Path | None
+    text_feats: torch.Tensor
+    image_feats: torch.Tensor
+    split: RetrievalSplit
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, data_format: str | None = None,
+                        split: str = "test", i2t: bool = False, out: str | Path | None = None,
+                        batch_size: int = 128, num_workers: int = 2, precision: str = "bf16",
+                        device: str = "cpu", query_chunk: int = 1024, progress: bool = True,
+                        model: LoadedModel | None = None, task: str = "person",
+                        rerank_depth: int | None = None) -> EvaluationResult:
+    """Score a checkpoint on a data set split under a task kind; write the JSON report with its protocol.
+
+    Reranking methods are scored through the same two stages as search, `rerank_depth` (K') recorded.
+    """
+    model = model or load_checkpoint(checkpoint, device=device)
+    data_format = data_format or detect_format(data_root)
+    experiment = model.experiment()
+    seed = experiment.train.seed if experiment else 0
+    val_fraction = experiment.data.val_fraction if experiment else 0.1
+    splits = load_dataset(data_format, data_root, seed=seed, val_fraction=val_fraction)
+    chosen = {"test": splits.test, "val": splits.val}.get(split)
+    if chosen is None:
+        raise DataError(f"{data_root}: split {split!r} is not available for format {data_format}")
+    eval_split = person_split(chosen)
+    queries, gallery = embed_queries_and_gallery(model.method, eval_split, model.tokenize, batch_size=batch_size,
+                                                 num_workers=num_workers, device=torch.device(device),
+                                                 precision=precision, progress=progress)
+    scored = score_split(model.method, task, eval_split, queries, gallery, i2t=i2t, query_chunk=query_chunk,
+                         depth=rerank_depth)
+    report = None
+    if out is not None:
+        protocol = protocol_record(dataset=data_format, root=str(data_root), split=split, checkpoint=str(checkpoint),
+                                   config=model.config, seed=seed, directions=list(scored.results))
+        protocol.update(precision=precision, method=model.method.name, **scored.protocol)
+        report = write_report(out, scored.results, protocol)
+    results = scored.results
+    text_feats, image_feats = queries.vectors, gallery.vectors
+    return EvaluationResult(results, report, text_feats, image_feats, chosen)
+
+
+def top_results_grid(evaluation: EvaluationResult, out_png: str | Path, *, num_queries: int = 4, k: int = 5,
+                     seed: int = 0) -> Path:
+    """PNG grid: a few test queries and their top-k gallery images, correct ones outlined in green."""
+    from xmr.viz import result_grid
+
+    split = evaluation.split
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(split.captions), generator=generator)[:num_queries].tolist()
+    scores, indices = topk_bounded(evaluation.text_feats[picks], evaluation.image_feats, k)
+    rows = [[split.image_paths[j] for j in row] for row in indices.tolist()]
+    correct = [[split.image_pids[j] == split.caption_pids[q] for j in row] for q, row in zip(picks, indices.tolist())]
+    return result_grid([split.captions[q] for q in picks], rows, correct, out_png, scores=scores.tolist())

@@ -1,0 +1,54 @@
+"""A test-only two-stage method: IRRA's towers, a second stage that fuses the global cosine with the best
+match between the query and four stored patch tokens of each gallery image (like a region-word score)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from xmr.methods.irra import IRRA, IRRAConfig
+from xmr.outputs import Candidates, Embedded
+from xmr.registry import METHODS
+
+NAME = "toy_rerank"
+
+
+@dataclass
+class ToyConfig(IRRAConfig):
+    name: str = NAME
+
+
+class ToyReranker(IRRA):
+    name: ClassVar[str] = NAME
+    Config: ClassVar[type[ToyConfig]] = ToyConfig
+    rerank_depth: int = 5
+
+    def encode_gallery(self, images: torch.Tensor) -> Embedded:
+        out = self.clip.encode_image(images)
+        return Embedded(out.pooled, {"patches": out.tokens[:, 1:5]})
+
+    def gallery_extras(self) -> tuple[str, ...]:
+        return ("patches",)
+
+    def pair_scores(self, query: torch.Tensor, vectors: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """(Q, D) normalised queries against (Q, K, D) vectors and (Q, K, R, D) patches -> (Q, K)."""
+        local = torch.einsum("qd,qkrd->qkr", query, F.normalize(patches.float(), dim=-1)).amax(-1)
+        return 0.5 * torch.einsum("qd,qkd->qk", query, vectors.float()) + 0.5 * local
+
+    def rerank(self, query: Embedded, candidates: Candidates) -> torch.Tensor:
+        return self.pair_scores(query.vectors.float(), candidates.vectors, candidates.extras["patches"])
+
+
+class IdentityReranker(ToyReranker):
+    """A second stage that returns the first-stage scores: two stages must then equal one, bit for bit."""
+
+    def rerank(self, query: Embedded, candidates: Candidates) -> torch.Tensor:
+        return candidates.scores.clone()
+
+
+def register() -> None:
+    if NAME not in METHODS:
+        METHODS.register(NAME, "toy_reranker:ToyReranker")
