@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from xmr.data.formats import FORMATS, detect_format, load_dataset
+from xmr import registry
+from xmr.data import formats
+from xmr.data.formats import FORMATS, detect_format, get_reader, known_formats, load_dataset
+from xmr.data.formats.common import Fields, JsonRecordsFormat, Layout, RawRecord, ReadContext, get_str
 from xmr.data.formats.cuhk_pedes import standard_split
 from xmr.data.images import load_image
 from xmr.data.records import DatasetSplits
 from xmr.errors import ConfigError, DataError
+from xmr.registry import Registry
 
 
 def write_image(
@@ -381,3 +386,148 @@ def test_load_image_limits(tmp_path: Path) -> None:
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(DataError, match="cannot decode image .*text.png"):
         load_image(tmp_path / "text.png")
+
+
+# ------------------------------------------------------------------ the shared JSON-records reader
+
+# A new JSON format in a few lines: its layout, its keys, its image folder.
+TOY = JsonRecordsFormat(
+    Layout("toy", files=("toy.json",), subdirs=("Toy",)),
+    Fields(pid="person", image="img", captions="text", split="part", captions_may_be_str=True),
+    images="pictures",
+)
+
+
+def toy_records() -> list[dict]:
+    return [
+        {
+            "person": pid,
+            "img": f"{pid}_{k}.png",
+            "text": f"toy {pid} {k}" if k else [f"t{pid}", f"u{pid}"],
+            "part": split,
+        }
+        for pid, split in [(7, "train"), (8, "train"), (9, "val"), (10, "test")]
+        for k in range(2)
+    ]
+
+
+def make_toy(root: Path, records: list[dict]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        if isinstance(r, dict) and "img" in r:
+            write_image(root / "pictures" / r["img"])
+    (root / "toy.json").write_text(json.dumps(records))
+    return root
+
+
+def test_json_records_format_declared_in_a_few_lines(tmp_path: Path) -> None:
+    make_toy(tmp_path / "Toy", toy_records())
+    s = TOY(tmp_path)  # the parent folder: found through the layout's sub-folders
+    check_consistent(s)
+    assert s.name == "toy" and s.num_train_ids == 2 and s.root == str((tmp_path / "Toy").resolve())
+    assert [p.caption for p in s.train] == ["t7", "u7", "toy 7 1", "t8", "u8", "toy 8 1"]
+    assert s.train[0].image_path == str((tmp_path / "Toy/pictures/7_0.png").resolve())
+    assert s.val is not None and s.val.image_pids == [9, 9] and s.test.image_pids == [10, 10]
+    # messages name file, record and key; skipping counts
+    recs = toy_records()
+    del recs[1]["text"]
+    recs[2]["person"] = "8"
+    (tmp_path / "Toy/toy.json").write_text(json.dumps(recs))
+    with pytest.raises(DataError, match=r"toy\.json record 1: missing key 'text'"):
+        TOY(tmp_path)
+    s = TOY(tmp_path, on_error="skip")
+    assert s.skipped == 2 and any("skipped 2 malformed records" in n for n in s.notes)
+    with pytest.raises(DataError, match=r"toy: annotation file toy\.json not found"):
+        TOY(tmp_path / "Toy/pictures")
+
+
+def test_json_records_format_parse_and_finalize_hooks(tmp_path: Path) -> None:
+    def parse(rec: dict, where: str, ctx: ReadContext) -> RawRecord:  # pid from the file name
+        image = get_str(rec, "img", where)
+        return RawRecord(where, int(image.split("_")[0]), str(ctx.images / image), [get_str(rec, "c", where)])
+
+    def every_third_id_tests(records: list[RawRecord], ctx: ReadContext) -> list[str]:
+        for r in records:
+            r.split = "test" if r.pid % 3 == 0 else "train"
+        return [f"split by id (seed {ctx.seed} unused)"]
+
+    fmt = JsonRecordsFormat(
+        Layout("ids_in_names", ("a.json",)), images=".", parse=parse, finalize=every_third_id_tests
+    )
+    rows = [{"img": f"{pid}_{k}.png", "c": f"c{pid}{k}"} for pid in range(1, 7) for k in range(2)]
+    for r in rows:
+        write_image(tmp_path / r["img"])
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    s = fmt(tmp_path, seed=4)
+    assert s.num_train_ids == 4 and sorted(set(s.test.image_pids)) == [3, 6]
+    assert s.notes[0] == "split by id (seed 4 unused)"
+    with pytest.raises(ValueError, match="no Fields for annotation file"):
+        JsonRecordsFormat(Layout("x", ("a.json", "b.json")), fields={"a.json": Fields()})
+
+
+@pytest.fixture
+def formats_registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """A copy of the format registry for one test (registrations do not leak into other tests)."""
+    fresh = copy.deepcopy(registry.FORMATS)
+    monkeypatch.setattr(registry, "FORMATS", fresh)
+    return fresh
+
+
+def test_registered_format_is_detected_and_loaded(tmp_path: Path, formats_registry: Registry) -> None:
+    formats_registry.register("toy", f"{__name__}:TOY")  # the one place a format is registered
+    make_toy(tmp_path / "Toy", toy_records())
+    assert detect_format(tmp_path) == "toy"
+    assert load_dataset("auto", tmp_path).name == "toy" and load_dataset("TOY", tmp_path).num_train_ids == 2
+    # FORMATS is computed on access, so it lists a format registered after import
+    assert formats.FORMATS == known_formats() == ["cuhk_pedes", "icfg_pedes", "rstpreid", "toy", "folder"]
+    with pytest.raises(DataError, match=r"did you mean 'toy'\?.*known formats: .*, toy, folder"):
+        load_dataset("tyo", tmp_path)
+
+
+def test_detection_reads_registered_layouts(tmp_path: Path, formats_registry: Registry) -> None:
+    for name in formats_registry.names():
+        layout = get_reader(name).layout
+        assert layout.name == name and layout.files
+    # the generic folder format is tried last: a dataset folder may carry a captions.jsonl too
+    write_jsonl(tmp_path, [{"image": "x.png", "caption": "c"}])
+    (tmp_path / "data_captions.json").write_text("[]")
+    assert detect_format(tmp_path) == "rstpreid"
+    (tmp_path / "data_captions.json").unlink()
+    assert detect_format(tmp_path) == "folder"
+    # a registered reader without a layout is refused with a readable message
+    formats_registry.register("bare", f"{__name__}:check_consistent")
+    with pytest.raises(ConfigError, match="'bare'.*carry a `layout`"):
+        detect_format(tmp_path / "nowhere")
+
+
+def test_person_formats_never_give_pid_none(tmp_path: Path) -> None:
+    make_pedes(tmp_path / "cuhk", "reid_raw.json", cuhk_records())
+    make_pedes(tmp_path / "icfg", "ICFG-PEDES.json", icfg_records())
+    make_pedes(
+        tmp_path / "rstp",
+        "data_captions.json",
+        [dict(r, img_path=r["file_path"]) for r in cuhk_records()],
+        path_key="img_path",
+    )
+    write_jsonl(tmp_path / "folder", [{"image": f"{i}.png", "caption": f"c{i}"} for i in range(10)])
+    for name, sub in [
+        ("cuhk_pedes", "cuhk"),
+        ("icfg_pedes", "icfg"),
+        ("rstpreid", "rstp"),
+        ("folder", "folder"),
+    ]:
+        s = load_dataset(name, tmp_path / sub)
+        pids = [p.pid for p in s.train] + [
+            pid for split in (s.val, s.test) if split for pid in split.image_pids + split.caption_pids
+        ]
+        assert pids and all(type(pid) is int for pid in pids), name
+
+
+def test_custom_parse_without_identity_is_refused(tmp_path: Path) -> None:
+    def parse(rec: dict, where: str, ctx: ReadContext) -> RawRecord:
+        return RawRecord(where, None, str(ctx.images / rec["img"]), ["c"], rec["part"])  # type: ignore[arg-type]
+
+    make_toy(tmp_path, toy_records())
+    fmt = JsonRecordsFormat(Layout("toy", ("toy.json",)), images="pictures", parse=parse)
+    with pytest.raises(DataError, match=r"toy\.json record 0: identity must be an integer, got null"):
+        fmt(tmp_path)

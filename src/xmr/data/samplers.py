@@ -15,6 +15,18 @@ from torch.utils.data import Sampler
 from xmr.errors import ConfigError
 
 
+def _identities(pids: Sequence[int | None]) -> list[int]:
+    """The pids as ints: P x K batches need an identity for every record, so a pid of None is refused."""
+    missing = [i for i, pid in enumerate(pids) if pid is None]
+    if missing:
+        raise ConfigError(
+            f"IdentitySampler: {len(missing)} of {len(pids)} training records have no identity "
+            f"(pid=None, first at index {missing[0]}); the identity (P x K) sampler needs one for every "
+            "record: use data.sampler=random for data without identities"
+        )
+    return [int(pid) for pid in pids if pid is not None]  # all of them, None was refused above
+
+
 class IdentitySampler(Sampler[int]):
     """Yields dataset indices whose consecutive runs of `batch_size` form P x K batches:
     P = batch_size // num_instances distinct identities, K = num_instances items of each.
@@ -29,11 +41,13 @@ class IdentitySampler(Sampler[int]):
     DDP: all ranks build the same batch list from (seed, epoch); rank r takes batches r, r + W, ...,
     truncated so every rank gets the same number of whole batches (disjoint positions).
     Call ``set_epoch(epoch)`` before each epoch for a new, deterministic order.
+
+    Every record must have an identity: a pid of None (data without identities) raises ConfigError.
     """
 
     def __init__(
         self,
-        pids: Sequence[int],
+        pids: Sequence[int | None],
         batch_size: int,
         num_instances: int,
         seed: int = 0,
@@ -50,8 +64,8 @@ class IdentitySampler(Sampler[int]):
                 f"IdentitySampler: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
             )
         groups: dict[int, list[int]] = defaultdict(list)
-        for i, pid in enumerate(pids):
-            groups[int(pid)].append(i)
+        for i, pid in enumerate(_identities(pids)):
+            groups[pid].append(i)
         self.groups = [groups[p] for p in sorted(groups)]
         self.batch_size, self.num_instances = batch_size, num_instances
         self.num_ids_per_batch = batch_size // num_instances

@@ -27,6 +27,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from xmr.atomic import fsync_file, write_durable
 from xmr.errors import CheckpointError
 from xmr.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 
@@ -503,24 +504,16 @@ def _safetensors_ready(state_dict: StateDict) -> StateDict:
     return out
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _fill_directory(
     tmp: Path, config: dict[str, Any], state_dict: StateDict, extra_files: dict[str, bytes]
 ) -> None:
-    _write_file(tmp / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False).encode())
+    write_durable(tmp / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False).encode())
     save_file(_safetensors_ready(state_dict), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(tmp / WEIGHTS_FILE, "rb") as handle:
-        os.fsync(handle.fileno())
+    fsync_file(tmp / WEIGHTS_FILE)
     for name, data in extra_files.items():
         if Path(name).name != name or name in (*CONFIG_FILES, WEIGHTS_FILE):
             raise ValueError(f"extra file {name!r}: use a plain file name other than config/weights")
-        _write_file(tmp / name, data)
+        write_durable(tmp / name, data)
 
 
 def save_model_dir(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import io
 import itertools
 import json
 import os
@@ -31,6 +32,7 @@ import ftfy
 import regex
 import torch
 
+from xmr.atomic import atomic_write_bytes
 from xmr.errors import ConfigError, DataError
 
 __all__ = [
@@ -237,11 +239,10 @@ class ClipTokenizer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         body = "\n".join([MERGES_HEADER, *(f"{a} {b}" for a, b in self._merges)]) + "\n"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        buffer = io.BytesIO()
+        with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as gz:
             gz.write(body.encode("utf-8"))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_bytes(path, buffer.getvalue())
 
     # ------------------------------------------------------------------ properties
     @property

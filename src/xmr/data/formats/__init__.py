@@ -3,35 +3,24 @@
     >>> splits = load_dataset("cuhk_pedes", "/data/CUHK-PEDES")       # or the parent folder
     >>> splits = load_dataset(detect_format(root), root, on_error="skip")
 
-Every reader has the signature ``read(root, *, val_fraction, seed, on_error, check_images) -> DatasetSplits``.
+Every reader has the signature ``read(root, *, val_fraction, seed, on_error, check_images) -> DatasetSplits``
+and carries its `layout` (common.Layout: annotation file names, dataset sub-folders). Formats are found
+through the registry ``xmr.registry.FORMATS`` (name -> "module:read"), the one place a new format is
+registered; detection asks each registered reader's layout, the `fallback` ones (folder) last.
+``FORMATS`` here is the list of registered names in that order.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-from xmr.data.formats import common, cuhk_pedes, folder, icfg_pedes, rstpreid
+from xmr import registry
+from xmr.data.formats import common
+from xmr.data.formats.common import Layout, Reader
 from xmr.data.records import DatasetSplits
-from xmr.errors import DataError
-
-Reader = Callable[..., DatasetSplits]
-
-FORMATS: dict[str, Reader] = {
-    cuhk_pedes.NAME: cuhk_pedes.read,
-    icfg_pedes.NAME: icfg_pedes.read,
-    rstpreid.NAME: rstpreid.read,
-    folder.NAME: folder.read,
-}
-
-# Where each format keeps its annotation file (file names, sub-folders of a parent root): for detection.
-_LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    cuhk_pedes.NAME: (cuhk_pedes.FILES, cuhk_pedes.SUBDIRS),
-    icfg_pedes.NAME: (icfg_pedes.FILES, icfg_pedes.SUBDIRS),
-    rstpreid.NAME: (rstpreid.FILES, rstpreid.SUBDIRS),
-    folder.NAME: (folder.FILES, ()),
-}
+from xmr.errors import ConfigError, DataError
 
 
 def _canonical(name: str) -> str:
@@ -39,14 +28,37 @@ def _canonical(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+def get_reader(name: str) -> Reader:
+    """The registered reader of format `name` (imported on first use); checks that it has a layout."""
+    reader = registry.FORMATS.get(name)
+    if not isinstance(getattr(reader, "layout", None), Layout) or not callable(reader):
+        raise ConfigError(
+            f"dataset format {name!r}: the registered reader must be callable and carry a `layout` "
+            "(declare it as common.JsonRecordsFormat, or decorate its read function with @common.reader)"
+        )
+    return reader
+
+
+def known_formats() -> list[str]:
+    """Registered format names, in detection order: dataset-specific formats, then fallback ones."""
+    return sorted(registry.FORMATS.names(), key=lambda n: (get_reader(n).layout.fallback, n))
+
+
+def __getattr__(name: str) -> list[str]:
+    # FORMATS is computed on access, so a format registered after this import is listed too.
+    if name == "FORMATS":
+        return known_formats()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def detect_format(root: str | os.PathLike) -> str:
     """Name of the format whose annotation file exists in `root` (or in its dataset sub-folder)."""
     root = Path(root).expanduser()
-    for name, (files, subdirs) in _LAYOUTS.items():
-        for base in [root, *(root / s for s in subdirs)]:
-            if any((base / f).is_file() for f in files):
-                return name
-    expected = "; ".join(f"{n}: {' or '.join(files)}" for n, (files, _) in _LAYOUTS.items())
+    names = known_formats()
+    for name in names:
+        if get_reader(name).layout.find(root) is not None:
+            return name
+    expected = "; ".join(f"{n}: {' or '.join(get_reader(n).layout.files)}" for n in names)
     listing = common.listing(root) if root.is_dir() else "(not a directory)"
     raise DataError(
         f"cannot detect the dataset format of {root}: none of the known annotation files "
@@ -63,7 +75,7 @@ def load_dataset(
     on_error: common.OnError = "raise",
     check_images: common.CheckImages = "exists",
 ) -> DatasetSplits:
-    """Read dataset `name` (a key of FORMATS, or "auto" to detect it) from `root`.
+    """Read dataset `name` (a registered format, or "auto" to detect it) from `root`.
 
     val_fraction/seed: only for formats without a val split (ICFG-PEDES, folder without splits).
     on_error: "raise" stops at the first bad record with a message naming file, record and key;
@@ -74,11 +86,16 @@ def load_dataset(
     key = _canonical(name)
     if key == "auto":
         key = detect_format(root)
-    if key not in FORMATS:
-        raise DataError(f"unknown dataset format {name!r}; known formats: {', '.join(FORMATS)} (or 'auto')")
-    return FORMATS[key](
+    if key not in registry.FORMATS:
+        known = known_formats()
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(
+            f"unknown dataset format {name!r}{hint}; known formats: {', '.join(known)} (or 'auto')"
+        )
+    return get_reader(key)(
         root, val_fraction=val_fraction, seed=seed, on_error=on_error, check_images=check_images
     )
 
 
-__all__ = ["FORMATS", "detect_format", "load_dataset"]
+__all__ = ["FORMATS", "detect_format", "get_reader", "known_formats", "load_dataset"]

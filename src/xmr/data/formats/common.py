@@ -1,8 +1,17 @@
 """Shared machinery of the format readers: locating and parsing annotation files, validating records,
-checking images up front, seeded identity splits and building DatasetSplits.
+checking images up front, seeded identity splits and building DatasetSplits, and the one JSON-records
+reader that the JSON formats declare instead of writing.
 
 A reader turns its file into a list of RawRecord (one per annotated image, original ids, full image
-paths) and hands it to `finish`, which checks consistency and images and builds the splits.
+paths) and hands it to `finish`, which checks consistency and images and builds the splits. Every reader
+carries a `layout` (its name, annotation file names and dataset sub-folders) for locating and detection.
+
+A format whose annotation file is one JSON list of records (CUHK-PEDES, ICFG-PEDES, RSTPReid) is a
+`JsonRecordsFormat`: its layout, which keys hold what (`Fields`), where the images are, and optionally
+its own per-record `parse` and a `finalize` hook (e.g. assigning splits the file does not carry):
+
+    >>> TOY = JsonRecordsFormat(Layout("toy", files=("toy.json",)), Fields(image="img_path"))
+    >>> splits = TOY("/data/toy", on_error="skip")        # read(root, *, val_fraction, seed, ...)
 """
 
 from __future__ import annotations
@@ -10,11 +19,11 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from xmr.data.images import is_image_file, verify_image
 from xmr.data.records import DatasetSplits, ImageText, RetrievalSplit
@@ -65,23 +74,72 @@ def listing(path: Path) -> str:
     return ", ".join(names[:20]) + (f", ... ({len(names)} entries)" if len(names) > 20 else "")
 
 
-def locate(
-    root: str | os.PathLike, files: Sequence[str], subdirs: Sequence[str], dataset: str
-) -> tuple[Path, Path]:
-    """Find the annotation file in `root` or in one of its `subdirs` (so the dataset folder or its parent
-    may be given). Returns (dataset_root, annotation_path); raises DataError listing what root holds."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{dataset}: dataset root {root} does not exist or is not a directory")
-    for base in [root, *(root / s for s in subdirs)]:
-        for name in files:
-            if (base / name).is_file():
-                return base.resolve(), (base / name).resolve()
-    wanted = " or ".join(files)
-    where = ", ".join([str(root), *(str(root / s) for s in subdirs)])
-    raise DataError(
-        f"{dataset}: annotation file {wanted} not found in {where}; {root} contains: {listing(root)}"
-    )
+@dataclass(frozen=True)
+class Layout:
+    """Where a format keeps its annotation file: one of `files` (in order of preference) in the dataset
+    folder or in one of its `subdirs` (so the dataset folder or its parent may be given).
+
+    `fallback` formats (the generic "folder" format) are tried after all others when detecting a format.
+    """
+
+    name: str
+    files: tuple[str, ...]
+    subdirs: tuple[str, ...] = ()
+    fallback: bool = False
+
+    def candidates(self, root: Path) -> Iterator[tuple[Path, Path]]:
+        """(dataset folder, annotation path) pairs to try, in order."""
+        for base in [root, *(root / s for s in self.subdirs)]:
+            for name in self.files:
+                yield base, base / name
+
+    def find(self, root: str | os.PathLike) -> Path | None:
+        """The annotation file under `root`, or None (for detection: never raises)."""
+        root = Path(root).expanduser()
+        return next((ann for _, ann in self.candidates(root) if ann.is_file()), None)
+
+    def locate(self, root: str | os.PathLike) -> tuple[Path, Path]:
+        """Returns (dataset_root, annotation_path); raises DataError listing what root holds."""
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{self.name}: dataset root {root} does not exist or is not a directory")
+        for base, ann in self.candidates(root):
+            if ann.is_file():
+                return base.resolve(), ann.resolve()
+        wanted = " or ".join(self.files)
+        where = ", ".join([str(root), *(str(root / s) for s in self.subdirs)])
+        raise DataError(
+            f"{self.name}: annotation file {wanted} not found in {where}; {root} contains: {listing(root)}"
+        )
+
+
+class Reader(Protocol):
+    """What the format registry (xmr.registry.FORMATS) holds: a callable reader with its layout."""
+
+    layout: Layout
+
+    def __call__(
+        self,
+        root: str | os.PathLike,
+        *,
+        val_fraction: float = ...,
+        seed: int = ...,
+        on_error: OnError = ...,
+        check_images: CheckImages = ...,
+    ) -> DatasetSplits: ...
+
+
+_F = TypeVar("_F", bound=Callable[..., DatasetSplits])
+
+
+def reader(layout: Layout) -> Callable[[_F], _F]:
+    """Decorator giving a hand-written read function its layout (JsonRecordsFormat has one already)."""
+
+    def attach(fn: _F) -> _F:
+        fn.layout = layout  # type: ignore[attr-defined]
+        return fn
+
+    return attach
 
 
 def read_json(path: Path) -> Any:
@@ -322,6 +380,8 @@ def build_splits(
     """Group records by split: training pairs with relabelled pids, val/test as gallery + queries."""
     by_split: dict[str, list[RawRecord]] = {s: [] for s in SPLITS}
     for r in records:
+        if isinstance(r.pid, bool) or not isinstance(r.pid, int):  # a custom parse must give every pid
+            raise DataError(f"{r.where}: identity must be an integer, got {describe(r.pid)} ({name} reader)")
         by_split[r.split].append(r)
     for s in ("train", "test"):
         if not by_split[s]:
@@ -363,3 +423,110 @@ def finish(
     skipped += n
     notes += more
     return build_splits(name, root, records, skipped=skipped, notes=notes)
+
+
+# ---------------------------------------------------------------- the JSON-records reader
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which keys of a record hold what (used by `parse_fields`, the default per-record parse).
+
+    split=None: the file has no split field; every record starts as "train" and the format's
+    `finalize` hook assigns the splits. captions_may_be_str: a single caption string is accepted.
+    """
+
+    pid: str = "id"
+    image: str = "file_path"
+    captions: str = "captions"
+    split: str | None = "split"
+    captions_may_be_str: bool = False
+
+
+@dataclass(frozen=True)
+class ReadContext:
+    """What a per-record parse function and a `finalize` hook may use."""
+
+    root: Path  # the dataset folder (resolved)
+    annotation: Path  # the annotation file found
+    images: Path  # image paths in records are relative to this folder
+    fields: Fields  # the field mapping for this annotation file
+    val_fraction: float
+    seed: int
+
+
+def parse_fields(rec: dict, where: str, ctx: ReadContext) -> RawRecord:
+    """The default per-record parse: id, image, captions (and split) under the keys of `ctx.fields`."""
+    f = ctx.fields
+    return RawRecord(
+        where=where,
+        pid=get_int(rec, f.pid, where),
+        image=str(ctx.images / get_str(rec, f.image, where)),
+        captions=get_captions(rec, f.captions, where, allow_str=f.captions_may_be_str),
+        split=get_split(rec, f.split, where) if f.split is not None else "train",
+    )
+
+
+ParseFn = Callable[[dict, str, ReadContext], RawRecord]
+FinalizeFn = Callable[[list[RawRecord], ReadContext], list[str]]
+
+
+@dataclass(frozen=True)
+class JsonRecordsFormat:
+    """A data set whose annotation file is one JSON list of records, one per annotated image.
+
+    Reading: check the options, locate the file (`layout`), read the list, parse every record with
+    `parse` (messages name file, record and key; on_error='skip' drops and counts bad records), run
+    `finalize(records, ctx)` (may assign splits in place; returns notes put first), then `finish`.
+    `fields` is one mapping for every annotation file, or one per file name (e.g. only one of a
+    format's files carries a split). Calling the format reads it: it is the module's `read`.
+    """
+
+    layout: Layout
+    fields: Fields | Mapping[str, Fields] = Fields()
+    images: str = "imgs"  # the image folder, relative to the dataset folder
+    parse: ParseFn = parse_fields
+    finalize: FinalizeFn | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fields, Fields):
+            missing = [f for f in self.layout.files if f not in self.fields]
+            if missing:
+                raise ValueError(f"{self.layout.name}: no Fields for annotation file(s) {', '.join(missing)}")
+
+    def fields_for(self, annotation: Path) -> Fields:
+        if isinstance(self.fields, Fields):
+            return self.fields
+        return self.fields[annotation.name]
+
+    def __call__(
+        self,
+        root: str | os.PathLike,
+        *,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        on_error: OnError = "raise",
+        check_images: CheckImages = "exists",
+    ) -> DatasetSplits:
+        """Read the data set from `root` (its folder or the parent of one of `layout.subdirs`)."""
+        check_options(on_error, check_images, val_fraction)
+        base, ann = self.layout.locate(root)
+        ctx = ReadContext(base, ann, base / self.images, self.fields_for(ann), val_fraction, seed)
+        items = read_json_list(ann)
+        records, skipped, notes = collect(
+            ((f"{ann.name} record {i}", r) for i, r in enumerate(items)),
+            lambda rec, where: self.parse(rec, where, ctx),
+            on_error,
+        )
+        if self.finalize is not None:
+            notes = self.finalize(records, ctx) + notes
+        return finish(
+            self.layout.name,
+            base,
+            ann,
+            records,
+            on_error=on_error,
+            check_images=check_images,
+            skipped=skipped,
+            notes=notes,
+        )

@@ -14,11 +14,7 @@ The root may be the CUHK-PEDES folder or its parent.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from xmr.data.formats import common
-from xmr.data.records import DatasetSplits
 
 NAME = "cuhk_pedes"
 FILES = ("reid_raw.json", "caption_all.json")
@@ -51,48 +47,18 @@ def standard_split(ids: list[int]) -> tuple[dict[int, str], list[str]]:
     return split, notes
 
 
-def read(
-    root: str | os.PathLike,
-    *,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    on_error: common.OnError = "raise",
-    check_images: common.CheckImages = "exists",
-) -> DatasetSplits:
-    """Read CUHK-PEDES from `root` (the dataset folder or its parent).
+def _apply_standard_split(records: list[common.RawRecord], ctx: common.ReadContext) -> list[str]:
+    if ctx.fields.split is not None:  # reid_raw.json carries its split
+        return []
+    assignment, notes = standard_split([r.pid for r in records])
+    for r in records:
+        r.split = assignment[r.pid]
+    return [f"{ctx.annotation.name}: no split field, applied the standard split by identity", *notes]
 
-    `val_fraction` and `seed` are unused: both annotation files define a validation split.
-    """
-    common.check_options(on_error, check_images, val_fraction)
-    base, ann = common.locate(root, FILES, SUBDIRS, NAME)
-    items = common.read_json_list(ann)
-    has_split = ann.name == "reid_raw.json"
-    images = base / "imgs"
 
-    def parse(rec: dict, where: str) -> common.RawRecord:
-        return common.RawRecord(
-            where=where,
-            pid=common.get_int(rec, "id", where),
-            image=str(images / common.get_str(rec, "file_path", where)),
-            captions=common.get_captions(rec, "captions", where),
-            split=common.get_split(rec, "split", where) if has_split else "train",
-        )
-
-    records, skipped, notes = common.collect(
-        ((f"{ann.name} record {i}", r) for i, r in enumerate(items)), parse, on_error
-    )
-    if not has_split:
-        assignment, more = standard_split([r.pid for r in records])
-        for r in records:
-            r.split = assignment[r.pid]
-        notes = [f"{ann.name}: no split field, applied the standard split by identity", *more, *notes]
-    return common.finish(
-        NAME,
-        Path(base),
-        ann,
-        records,
-        on_error=on_error,
-        check_images=check_images,
-        skipped=skipped,
-        notes=notes,
-    )
+# `val_fraction` and `seed` are unused: both annotation files define a validation split.
+read = common.JsonRecordsFormat(
+    common.Layout(NAME, FILES, SUBDIRS),
+    fields={"reid_raw.json": common.Fields(), "caption_all.json": common.Fields(split=None)},
+    finalize=_apply_standard_split,
+)

@@ -29,6 +29,8 @@ from xmr.errors import DataError
 
 NAME = "folder"
 FILES = ("captions.jsonl",)
+SUBDIRS: tuple[str, ...] = ()
+LAYOUT = common.Layout(NAME, FILES, SUBDIRS, fallback=True)  # any data set may carry a captions.jsonl
 TEST_FRACTION = 0.1
 
 
@@ -126,6 +128,7 @@ def _random_split(records: list[_FolderRecord], val_fraction: float, seed: int) 
     ]
 
 
+@common.reader(LAYOUT)
 def read(
     root: str | os.PathLike,
     *,
@@ -136,7 +139,7 @@ def read(
 ) -> DatasetSplits:
     """Read a custom dataset: `root`/captions.jsonl with images relative to `root`."""
     common.check_options(on_error, check_images, val_fraction)
-    base, ann = common.locate(root, FILES, (), NAME)
+    base, ann = LAYOUT.locate(root)
     items, skipped, notes = _lines(ann, on_error)
     records, n, more = common.collect(items, _parse(base), on_error)
     records, n_split = _check_splits(records, on_error)

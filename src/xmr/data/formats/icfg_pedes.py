@@ -14,11 +14,7 @@ The choice is deterministic given (the set of training ids, seed): ids are sorte
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from xmr.data.formats import common
-from xmr.data.records import DatasetSplits
 
 NAME = "icfg_pedes"
 FILES = ("ICFG-PEDES.json", "ICFG_PEDES.json")
@@ -44,43 +40,14 @@ def hold_out_val(records: list[common.RawRecord], val_fraction: float, seed: int
     ]
 
 
-def read(
-    root: str | os.PathLike,
-    *,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    on_error: common.OnError = "raise",
-    check_images: common.CheckImages = "exists",
-) -> DatasetSplits:
-    """Read ICFG-PEDES from `root`, holding out `val_fraction` of training identities (seeded) as val."""
-    common.check_options(on_error, check_images, val_fraction)
-    base, ann = common.locate(root, FILES, SUBDIRS, NAME)
-    items = common.read_json_list(ann)
-    images = base / "imgs"
-
-    def parse(rec: dict, where: str) -> common.RawRecord:
-        return common.RawRecord(
-            where=where,
-            pid=common.get_int(rec, "id", where),
-            image=str(images / common.get_str(rec, "file_path", where)),
-            captions=common.get_captions(rec, "captions", where, allow_str=True),
-            split=common.get_split(rec, "split", where),
-        )
-
-    records, skipped, notes = common.collect(
-        ((f"{ann.name} record {i}", r) for i, r in enumerate(items)), parse, on_error
-    )
+def _val_split(records: list[common.RawRecord], ctx: common.ReadContext) -> list[str]:
     if any(r.split == "val" for r in records):  # a re-split copy that already has a val split
-        notes = ["the annotation file has its own val split: val_fraction unused", *notes]
-    else:
-        notes = hold_out_val(records, val_fraction, seed) + notes
-    return common.finish(
-        NAME,
-        Path(base),
-        ann,
-        records,
-        on_error=on_error,
-        check_images=check_images,
-        skipped=skipped,
-        notes=notes,
-    )
+        return ["the annotation file has its own val split: val_fraction unused"]
+    return hold_out_val(records, ctx.val_fraction, ctx.seed)
+
+
+read = common.JsonRecordsFormat(
+    common.Layout(NAME, FILES, SUBDIRS),
+    fields=common.Fields(captions_may_be_str=True),
+    finalize=_val_split,
+)
