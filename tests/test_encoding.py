@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from xmr.methods.inference import InferenceEncoder, compile_available, inference_copy, prepare_encoder
+from xmr.outputs import QueryBatch
 from xmr.methods.irra import IRRA, IRRAConfig
 from xmr.models.clip import CLIP, LayerNorm, get_clip_config
 
@@ -47,7 +48,11 @@ def reference(method, images, ids) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fast(encoder: InferenceEncoder, images, ids) -> tuple[torch.Tensor, torch.Tensor]:
-    return F.normalize(encoder.encode_image(images), dim=-1), F.normalize(encoder.encode_text(ids), dim=-1)
+    gallery = encoder.encode_gallery(images).vectors
+    text = encoder.encode_query(QueryBatch(ids=ids)).vectors
+    image_query = encoder.encode_query(QueryBatch(images=images)).vectors
+    assert torch.equal(image_query, gallery)  # IRRA's image queries and gallery share the image tower
+    return F.normalize(gallery, dim=-1), F.normalize(text, dim=-1)
 
 
 def assert_bf16_close(got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -104,7 +109,7 @@ def test_unknown_precision_is_named(tiny_method):
 def test_model_errors_propagate(tiny_method):
     encoder = prepare_encoder(tiny_method, "bf16")
     with pytest.raises(ValueError, match="expected images"):
-        encoder.encode_image(torch.zeros(1, 3, 32, 32))
+        encoder.encode_gallery(torch.zeros(1, 3, 32, 32))
 
 
 @pytest.mark.slow  # four inductor compilations: ~20 s idle, over a minute on 2 busy cores
@@ -154,24 +159,24 @@ def eval_setup(tiny_pedes):
 
 def test_evaluator_metrics_unchanged_at_fp32(eval_setup):
     from xmr.data.datasets import ImageDataset, TextDataset, build_loader
-    from xmr.evaluation.evaluator import embed_batches, embed_split, evaluate_split
+    from xmr.evaluation.evaluator import embed_split, evaluate_split
     from xmr.evaluation.metrics import retrieval_metrics
 
     method, split, tokenize, transform = eval_setup
-    # The simple path: the method's raw encoders, as the evaluator called them before the fast path.
-    cpu = torch.device("cpu")
+    # The simple path: the method's raw towers over batches of 4, as the evaluator called them before.
     texts = build_loader(TextDataset(split.captions, tokenize), 4, shuffle=False, num_workers=0)
     images = build_loader(ImageDataset(split.image_paths, transform), 4, shuffle=False, num_workers=0)
-    ref_t = embed_batches(method.encode_text, texts, "ids", device=cpu)
-    ref_i = embed_batches(method.encode_image, images, "images", device=cpu)
+    with torch.inference_mode():
+        ref_t = F.normalize(torch.cat([method.encode_text(b["ids"]) for b in texts]).float(), dim=-1)
+        ref_i = F.normalize(torch.cat([method.encode_image(b["images"]) for b in images]).float(), dim=-1)
     want = retrieval_metrics(ref_t, ref_i, torch.as_tensor(split.caption_pids), torch.as_tensor(split.image_pids))
 
-    got_t, got_i = embed_split(method, split, tokenize, transform, batch_size=4, precision="fp32")
+    got_t, got_i = embed_split(method, split, tokenize, batch_size=4, precision="fp32")
     assert torch.equal(got_t, ref_t) and torch.equal(got_i, ref_i)
-    got = evaluate_split(method, split, tokenize, transform, batch_size=4, precision="fp32")["t2i"]
+    got = evaluate_split(method, split, tokenize, batch_size=4, precision="fp32")["t2i"]
     assert {k: v for k, v in got.items() if k != "embed_seconds"} == want
     # bf16 through the evaluator: every embedding within the bf16 tolerance of fp32's.
-    bf_t, bf_i = embed_split(method, split, tokenize, transform, batch_size=4, precision="bf16")
+    bf_t, bf_i = embed_split(method, split, tokenize, batch_size=4, precision="bf16")
     assert_bf16_close(bf_t, ref_t)
     assert_bf16_close(bf_i, ref_i)
 

@@ -16,15 +16,11 @@ pytest.importorskip("multipart")
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from xmr.errors import XmrError
+from xmr.errors import UnsupportedQuery, XmrError
 from xmr.serve import ServeSettings, create_app, serve_in_thread
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 220, 40),
           "purple": (140, 40, 160), "orange": (250, 140, 20)}
-
-
-class UnsupportedQuery(XmrError):
-    """Same name as xmr.search.retriever.UnsupportedQuery (the service matches it by name)."""
 
 
 class FakeRetriever:
@@ -52,20 +48,28 @@ class FakeRetriever:
     def _text_scores(self, text: str) -> list[float]:
         return [1.0 if Path(p).stem in text.lower() else 0.5 / (i + 2) for i, p in enumerate(self.paths)]
 
-    def search_text(self, text: str, k: int = 10) -> list:
+    def search_text(self, text: str, k: int = 10, rerank_depth: int | None = None) -> list:
+        self.last_depth = rerank_depth
         if self.gate is not None:
             self.gate.wait(10)
         if self.fail_with is not None:
             raise self.fail_with
         return self._hits(self._text_scores(text), k)
 
-    def search_image(self, image: Image.Image, k: int = 10) -> list:
-        mean = image.convert("RGB").resize((1, 1)).getpixel((0, 0))
-        scores = [1.0 - sum(abs(a - b) for a, b in zip(mean, COLORS.get(Path(p).stem, (128, 128, 128)))) / 765
-                  for p in self.paths]
-        return self._hits(scores, k)
+    def _colour_scores(self, mean: tuple[int, ...]) -> list[float]:
+        return [1.0 - sum(abs(a - b) for a, b in zip(mean, COLORS.get(Path(p).stem, (128, 128, 128)))) / 765
+                for p in self.paths]
 
-    def search_composed(self, image: Image.Image, text: str, k: int = 10) -> list:
+    def search_image(self, image: Image.Image, k: int = 10, rerank_depth: int | None = None) -> list:
+        return self._hits(self._colour_scores(image.convert("RGB").resize((1, 1)).getpixel((0, 0))), k)
+
+    def search_similar(self, id: int, k: int = 10, rerank_depth: int | None = None) -> list:
+        """From the indexed item's stored colour (its 'vector'): no image is read."""
+        self.similar_calls = getattr(self, "similar_calls", 0) + 1
+        scores = self._colour_scores(COLORS.get(Path(self.paths[id]).stem, (128, 128, 128)))
+        return [h for h in self._hits(scores, k + 1) if h.id != id][:k]
+
+    def search_composed(self, image: Image.Image, text: str, k: int = 10, rerank_depth: int | None = None) -> list:
         if not self.supports_composed:
             raise UnsupportedQuery("this fake model cannot compose an image with a modifying text")
         image_scores = [h.score for h in sorted(self.search_image(image, len(self)), key=lambda h: h.id)]
@@ -201,12 +205,27 @@ def test_real_unsupported_query_class_maps_to_400(client, fake):
     assert error_of(text_query(client), 400, "unsupported_query") == "the model cannot compose"
 
 
-def test_similar_leaves_the_image_out(client):
+def test_similar_leaves_the_image_out(client, fake):
     r = client.post("/api/search/similar", json={"id": 0, "k": 3})
     assert r.status_code == 200, r.text
     ids = [h["id"] for h in r.json()["results"]]
     assert 0 not in ids and len(ids) == 3
+    assert fake.similar_calls == 1  # answered from the stored vector, not by decoding the image
     error_of(client.post("/api/search/similar", json={"id": 99}), 404, "not_found")
+
+
+def test_rerank_depth_is_validated_and_passed_on(client, fake):
+    r = client.post("/api/search/text", json={"text": "red", "k": 3, "rerank_depth": 50})
+    assert r.status_code == 200, r.text and fake.last_depth == 50
+    limit = client.get("/api/health").json()["limits"]["max_rerank_depth"]
+    for bad in (-1, limit + 1):
+        msg = error_of(client.post("/api/search/text", json={"text": "red", "rerank_depth": bad}), 400,
+                       "invalid_rerank_depth")
+        assert f"between 0 and {limit}" in msg
+    error_of(client.post("/api/search/similar", json={"id": 0, "rerank_depth": limit + 1}), 400,
+             "invalid_rerank_depth")
+    error_of(client.post("/api/search/image", files={"file": ("a.png", png_bytes(), "image/png")},
+                         data={"rerank_depth": str(limit + 1)}), 400, "invalid_rerank_depth")
 
 
 def test_original_and_thumbnail(client, gallery):

@@ -88,7 +88,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     log_every: int = 20  # steps
     max_steps_per_epoch: int | None = None
-    select_metric: str = "R1"
+    select_metric: str | None = None  # validation metric for `best/`; None = the task's primary (person: R1)
     progress: bool = True
     tensorboard: bool = True
     find_unused_parameters: bool = False

@@ -64,6 +64,7 @@ class DatasetSplits:
     num_train_ids: int
     skipped: int = 0  # records skipped because of bad input (only when the reader was asked to skip)
     notes: list[str] = field(default_factory=list)
+    task: str = "person"  # the task kind its evaluation splits are scored under (xmr.evaluation.tasks)
 
 
 @dataclass

@@ -128,11 +128,12 @@ def evaluate_split(method: Method, split: RetrievalSplit | EvalSplit, tokenize: 
 
 
 def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    """t2i metrics under their plain names (R1, mAP...), other directions prefixed (i2t_R1...)."""
+    """The first (main) direction's metrics under their plain names (R1, mAP...), others prefixed (i2t_R1...)."""
     flat: dict[str, float] = {}
+    main = next(iter(results), None)
     for direction, metrics in results.items():
         for key, value in metrics.items():
-            flat[key if direction == "t2i" else f"{direction}_{key}"] = value
+            flat[key if direction == main else f"{direction}_{key}"] = value
     return flat
 
 

@@ -27,6 +27,7 @@ from xmr.engine.distributed import DistInfo, init_distributed, resolve_device, s
 from xmr.engine.trainer import Trainer, TrainResult
 from xmr.errors import CheckpointError, ConfigError
 from xmr.evaluation.evaluator import evaluate_split, flat_metrics
+from xmr.evaluation.tasks import build_task
 from xmr.methods import build_method
 from xmr.methods.base import BuildContext, Method
 from xmr.methods.loading import TOKENIZER_FILE
@@ -116,6 +117,8 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainResul
         splits = load_splits(cfg)
         for note in splits.notes:
             log.info("%s: %s", splits.name, note)
+        if cfg.train.select_metric is None:  # model selection on the task's primary metric (person: R1)
+            cfg.train.select_metric = build_task(splits.task).primary
         tokenizer = prepare_tokenizer(cfg.data.tokenizer, [r.caption for r in splits.train], cfg.data.tokenizer_merges)
         method = build_method(cfg.method, build_context(cfg, splits, tokenizer))
         epoch_batches, steps = build_train_loader(cfg, splits, tokenizer, dist_info, method)
@@ -148,7 +151,7 @@ def _validation_callback(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer
     tokenize = tokenize_fn(tokenizer, cfg.data.context_length)
 
     def evaluate(method: Method) -> dict[str, float]:
-        results = evaluate_split(method, splits.val, tokenize, batch_size=cfg.eval.batch_size,
+        results = evaluate_split(method, splits.val, tokenize, task=splits.task, batch_size=cfg.eval.batch_size,
                                  num_workers=cfg.eval.num_workers, device=device, precision=cfg.eval.precision,
                                  query_chunk=cfg.eval.query_chunk)
         return flat_metrics(results)
