@@ -20,7 +20,7 @@ from xmr.evaluation.metrics import topk_bounded
 from xmr.evaluation.shortlist import (
     matrix_fetch,
     matrix_stage1,
-    two_stage,  # noqa: I001
+    two_stage,
 )
 from xmr.methods import BuildContext, Method, Reranker, build_method, method_class
 from xmr.methods.loading import TOKENIZER_FILE, load_checkpoint
@@ -74,7 +74,7 @@ def test_forward_gives_a_finite_loss_and_every_trainable_parameter_a_gradient(na
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_save_load_round_trip_and_encoder_contract(name, tiny_data, tmp_path: Path):
-    records, tokenizer = tiny_data
+    _, tokenizer = tiny_data
     method = tiny_method(name, tokenizer).eval()
     tokenizer.save(tmp_path / "tok.gz")
     config = {"model": method.export_config(), "tokenizer": TOKENIZER_FILE, "context_length": CONTEXT,
@@ -147,7 +147,7 @@ def test_a_rerank_that_returns_the_first_stage_scores_equals_single_stage_bit_fo
         two = two_stage(queries, k, matrix_stage1(gallery.vectors), reranker=identity, depth=depth,
                         fetch=matrix_fetch(gallery))
         assert np.array_equal(one.ids, two.ids) and np.array_equal(one.scores, two.scores), (k, depth)
-    reference_scores, reference_ids = topk_bounded(queries.vectors, gallery.vectors, 5)
+    _, reference_ids = topk_bounded(queries.vectors, gallery.vectors, 5)
     assert np.array_equal(one.ids[:, :5], reference_ids.numpy())
 
 
