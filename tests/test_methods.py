@@ -163,3 +163,43 @@ def test_reranking_changes_the_order_when_the_second_stage_disagrees(tiny_data):
     assert np.array_equal(np.sort(one.ids, 1), np.sort(two.ids, 1))  # the same shortlist, re-ordered
     assert np.all(np.diff(two.scores, axis=1) <= 0)
     assert F.normalize(queries.vectors, dim=-1).shape == queries.vectors.shape
+
+
+def test_two_stage_evaluation_equals_brute_force_metrics(tiny_data):
+    """score_split with a reranker at full depth gives the metrics of ranking every pair by the method's score;
+    at K' < G the positives beyond K' keep their first-stage ranks."""
+    from xmr.data.records import EvalSplit
+    from xmr.evaluation.scoring import score_split
+    from xmr.evaluation.tasks import PersonTask
+
+    _, tokenizer = tiny_data
+    method = tiny_method("toy_rerank", tokenizer).eval()
+    queries, gallery = _embedded(method, tokenizer)
+    n = len(gallery)
+    labels_g = [i % 9 for i in range(n)]
+    labels_q = [q % 9 for q in range(len(queries))]
+    split = EvalSplit(gallery_paths=[f"{i}.png" for i in range(n)],
+                      positives=[[i for i in range(n) if labels_g[i] == lq] for lq in labels_q],
+                      query_texts=["t"] * len(queries), query_labels=labels_q, gallery_labels=labels_g)
+    every = torch.arange(n).expand(len(queries), -1)
+    from xmr.outputs import Candidates
+
+    stage1 = queries.vectors @ gallery.vectors.T
+    with torch.no_grad():
+        full = method.rerank(queries, Candidates(every, stage1, gallery.vectors[every],
+                                                 {k: v[every] for k, v in gallery.extras.items()})).numpy()
+    stage1_rank = np.argsort(np.argsort(-stage1.numpy(), axis=1, kind="stable"), axis=1)
+    order = np.lexsort((stage1_rank, -full), axis=1)
+    # Brute-force oracle: 1-based rank of each positive in the full fused ordering.
+    position = np.argsort(order, axis=1) + 1
+    ranks = np.zeros((len(queries), max(len(p) for p in split.positives)), dtype=np.int64)
+    for q, items in enumerate(split.positives):
+        ranks[q, : len(items)] = np.sort(position[q, items])
+    counts = torch.tensor([len(p) for p in split.positives])
+    want = PersonTask().metrics_from_ranks(torch.from_numpy(ranks), counts, split, "t2i")
+    got = score_split(method, "person", split, queries, gallery, depth=n)
+    assert got.protocol["rerank_depth"] == n
+    for key in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert got.results["t2i"][key] == pytest.approx(want[key], abs=1e-9), key
+    single = score_split(method, "person", split, queries, gallery, depth=0).results["t2i"]
+    assert single != got.results["t2i"]  # the second stage changed the numbers
