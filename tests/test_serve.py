@@ -219,13 +219,13 @@ def test_rerank_depth_is_validated_and_passed_on(client, fake):
     assert r.status_code == 200, r.text and fake.last_depth == 50
     limit = client.get("/api/health").json()["limits"]["max_rerank_depth"]
     for bad in (-1, limit + 1):
-        msg = error_of(client.post("/api/search/text", json={"text": "red", "rerank_depth": bad}), 400,
+        msg = error_of(client.post("/api/search/text", json={"text": "red", "rerank_depth": bad}), 422,
                        "invalid_rerank_depth")
         assert f"between 0 and {limit}" in msg
-    error_of(client.post("/api/search/similar", json={"id": 0, "rerank_depth": limit + 1}), 400,
+    error_of(client.post("/api/search/similar", json={"id": 0, "rerank_depth": limit + 1}), 422,
              "invalid_rerank_depth")
     error_of(client.post("/api/search/image", files={"file": ("a.png", png_bytes(), "image/png")},
-                         data={"rerank_depth": str(limit + 1)}), 400, "invalid_rerank_depth")
+                         data={"rerank_depth": str(limit + 1)}), 422, "invalid_rerank_depth")
 
 
 def test_original_and_thumbnail(client, gallery):
