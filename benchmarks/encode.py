@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import gemm_gflops, machine, peak_rss_mib, row
 
 from xmr.methods.inference import InferenceEncoder, compile_available, set_threads
-from xmr.outputs import QueryBatch
 from xmr.methods.irra import IRRA, IRRAConfig
 from xmr.models.clip import CLIP, CLIPConfig, get_clip_config
+from xmr.outputs import QueryBatch
 
 
 def log(*args: Any) -> None:

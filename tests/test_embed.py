@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 
-from xmr.search.embed import EmbeddingStore, embed_images, list_images, model_fingerprint, parse_shard
 from xmr.errors import XmrError
+from xmr.search.embed import EmbeddingStore, embed_images, list_images, model_fingerprint, parse_shard
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def store_paths(directory: Path) -> list[str]:
 def test_embeddings_equal_direct_encoding_and_skip_bad_files(search_model, gallery, tmp_path):
     from xmr.data.images import load_image
     from xmr.data.transforms import build_transform
-    from xmr.jobs.train import load_checkpoint
+    from xmr.methods.loading import load_checkpoint
 
     result = embed_images(gallery, search_model, tmp_path / "emb", batch_size=7, num_workers=0,
                           precision="fp32", chunk_size=10, progress=False)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from xmr.methods.inference import InferenceEncoder, compile_available, inference_copy, prepare_encoder
-from xmr.outputs import QueryBatch
 from xmr.methods.irra import IRRA, IRRAConfig
 from xmr.models.clip import CLIP, LayerNorm, get_clip_config
+from xmr.outputs import QueryBatch
 
 COMPILE_OK, COMPILE_WHY = compile_available()
 needs_compile = pytest.mark.skipif(not COMPILE_OK, reason=f"torch.compile unavailable: {COMPILE_WHY}")

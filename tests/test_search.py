@@ -13,8 +13,8 @@ from conftest import REPO
 from PIL import Image
 
 import xmr
-from xmr.search.embed import embed_images
 from xmr.errors import XmrError
+from xmr.search.embed import embed_images
 from xmr.search.indexing import add_to_index, build_index, remove_from_index
 from xmr.search.retriever import ModelMismatch, UnsupportedQuery
 

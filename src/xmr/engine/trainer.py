@@ -33,8 +33,8 @@ from xmr.engine.distributed import DistInfo, all_reduce_mean, barrier
 from xmr.engine.optim import build_optimizer, lr_factor, set_lr
 from xmr.errors import CheckpointError
 from xmr.methods.base import Method, TrainHooks
-from xmr.precision import precision_dtype
 from xmr.models.checkpoints import load_model_dir, save_model_dir
+from xmr.precision import precision_dtype
 
 log = logging.getLogger(__name__)
 

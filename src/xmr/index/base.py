@@ -1,16 +1,21 @@
-"""Index interface, manifest, row bookkeeping and the create/open entry points.
+"""Index interface, manifest, side-array specs, row bookkeeping and the behaviour shared by the backends.
 
-An index maps int64 ids (assigned by the index, monotonic, never reused) to an image path and a
-vector. Vectors are compared by inner product; callers L2-normalise them, so scores are cosines.
-The backends (FAISS in-process, Milvus for scale-out) live in their own modules and are imported
-only when used, so `import xmr.index` works without either package installed.
+An index maps int64 ids (assigned by the index, monotonic, never reused) to an image path, a vector
+and, optionally, named side arrays (e.g. per-image region features for a second scoring stage).
+Vectors are compared by inner product; callers L2-normalise them, so scores are cosines. The side
+arrays of an index are fixed by the rows it holds: the first add() into an index without rows names
+them (and their per-row shapes), and every later add() must bring the same ones.
+
+This module imports no backend and not the storage layer: `xmr.index.factory` creates and opens
+indexes through the registry `xmr.registry.INDEX_BACKENDS`, and the backends (FAISS in-process,
+Milvus for scale-out) import this module, so `import xmr.index` works without either package.
 """
 
 from __future__ import annotations
 
+import re
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,21 +24,23 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from xmr.errors import XmrError
+from xmr.index.rows import Rows, RowTable
+from xmr.registry import INDEX_BACKENDS
 
 __all__ = [
     "BACKENDS",
     "FORMAT_VERSION",
+    "BaseIndex",
+    "ExtraSpec",
     "Index",
     "IndexStoreError",
     "Manifest",
     "RowTable",
-    "create_index",
-    "open_index",
-    "read_manifest",
+    "check_extras",
 ]
 
-FORMAT_VERSION = 1
-BACKENDS = ("faiss", "milvus")
+FORMAT_VERSION = 2  # 2: side arrays (manifest "extras", extra.NAME.npy); version 1 folders read as before
+BACKENDS = ("faiss", "milvus")  # the built-in backends; xmr.registry.INDEX_BACKENDS may hold more
 METRICS = ("ip",)
 
 
@@ -43,6 +50,115 @@ class IndexStoreError(XmrError):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------------
+# Side arrays
+# ----------------------------------------------------------------------------------------------
+EXTRA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")  # a file-name component: extra.NAME.npy
+
+
+def stored_dtype(dtype: Any) -> np.dtype | None:
+    """The dtype a side array is stored in: float16 for floating arrays, bool and integers as they are."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        return np.dtype(np.float16)
+    if dtype == np.bool_ or np.issubdtype(dtype, np.integer):
+        return dtype
+    return None
+
+
+@dataclass(frozen=True)
+class ExtraSpec:
+    """A named side array: every row of the index has one value of per-row `shape`, stored as `dtype`."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float16" for floating arrays; bool and integer arrays keep their dtype
+
+    @classmethod
+    def of(cls, name: Any, array: Any, where: str) -> ExtraSpec:
+        """The spec of a side array given to add(): `array` is (n, *shape)."""
+        if not isinstance(name, str) or not EXTRA_NAME.match(name):
+            raise IndexStoreError(f"{where}: side array name {name!r} must be a letter followed by up to 63 "
+                                  "letters, digits or underscores")
+        if not isinstance(array, np.ndarray) or array.ndim < 1:
+            got = f"shape {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+            raise IndexStoreError(f"{where}[{name!r}]: expected a numpy array of shape (n, ...), got {got}")
+        dtype = stored_dtype(array.dtype)
+        if dtype is None:
+            raise IndexStoreError(f"{where}[{name!r}]: dtype {array.dtype} cannot be stored; use a floating "
+                                  "(stored as float16), integer or bool array")
+        return cls(name, tuple(int(s) for s in array.shape[1:]), dtype.name)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str) -> ExtraSpec:
+        ok = (isinstance(d, dict) and isinstance(d.get("name"), str) and EXTRA_NAME.match(d["name"])
+              and isinstance(d.get("shape"), (list, tuple)) and all(_is_int(x) and x >= 0 for x in d["shape"])
+              and isinstance(d.get("dtype"), str))
+        if ok:
+            try:
+                ok = stored_dtype(d["dtype"]) == np.dtype(d["dtype"])
+            except TypeError:
+                ok = False
+        if not ok:
+            raise IndexStoreError(f"{source}: field 'extras' must list {{name, shape, dtype}} objects (a name of "
+                                  f"letters, digits and underscores, a per-row shape, a stored dtype), got {d!r}")
+        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    def describe(self) -> str:
+        return f"{self.name!r} (per-row shape {self.shape}, {self.dtype})"
+
+    def cast(self, array: Any, n: int, where: str) -> np.ndarray:
+        """`array` checked against this spec ((n, *shape), storable, finite) and cast to the stored dtype."""
+        if not isinstance(array, np.ndarray) or array.shape != (n, *self.shape):
+            got = f"shape {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+            raise IndexStoreError(f"{where}[{self.name!r}]: expected a numpy array of shape {(n, *self.shape)} "
+                                  f"(one row per vector), got {got}")
+        dtype = np.dtype(self.dtype)
+        if stored_dtype(array.dtype) != dtype and not (dtype != np.float16 and np.can_cast(array.dtype, dtype)):
+            raise IndexStoreError(f"{where}[{self.name!r}]: this side array is stored as {self.dtype}, got "
+                                  f"dtype {array.dtype}")
+        if dtype == np.float16:
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = np.ascontiguousarray(array, dtype=np.float16)
+            finite = np.isfinite(out).reshape(n, -1).all(axis=1)
+            if not finite.all():
+                raise IndexStoreError(f"{where}[{self.name!r}]: row {int(np.flatnonzero(~finite)[0])} has NaN, "
+                                      "infinite or out-of-float16-range (|x| > 65504) values")
+            return out
+        return np.ascontiguousarray(array, dtype=dtype)
+
+
+def check_extras(extras: Mapping[str, np.ndarray] | None, n: int, specs: Sequence[ExtraSpec] | None,
+                 where: str = "add(extras)", holder: str = "this index"
+                 ) -> tuple[dict[str, np.ndarray], tuple[ExtraSpec, ...]]:
+    """Side arrays for n new rows, checked and cast to their stored dtypes, and their specs.
+
+    `specs` are those the rows must bring (the holder's, once it has rows); None: these arrays define
+    them. Errors name `where` (the call) and the side array, and speak of `holder` (what keeps them).
+    """
+    if extras is None:
+        extras = {}
+    if not isinstance(extras, Mapping):
+        raise IndexStoreError(f"{where}: expected a dict of name -> numpy array, got {type(extras).__name__}")
+    if specs is None:
+        specs = [ExtraSpec.of(name, extras[name], where) for name in extras]
+    specs = tuple(specs)
+    names = [s.name for s in specs]
+    for spec in specs:
+        if spec.name not in extras:
+            raise IndexStoreError(f"{where}: side array {spec.describe()} is missing; {holder} keeps it for every "
+                                  f"row, so pass extras={{{spec.name!r}: array of shape (n, *{spec.shape})}}")
+    for name in extras:
+        if name not in names:
+            raise IndexStoreError(f"{where}: {name!r} is not a side array of {holder} (it keeps "
+                                  f"{', '.join(map(repr, names)) or 'none'}); the side arrays are fixed by the first "
+                                  "rows added, so use a separate one for other side arrays")
+    return {s.name: s.cast(extras[s.name], n, where) for s in specs}, specs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +180,7 @@ class Manifest:
     updated: str = field(default_factory=_now)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form (images_root, checkpoint, ...)
     next_id: int = 0  # the id the next added vector gets: persisted so ids are never reused
+    extras: list[dict[str, Any]] = field(default_factory=list)  # side arrays (ExtraSpec.to_dict() each); not `extra`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,8 +215,8 @@ class Manifest:
             raise bad("dim", "a positive integer")
         if self.metric not in METRICS:
             raise bad("metric", f"one of {METRICS}")
-        if self.backend not in BACKENDS:
-            raise bad("backend", f"one of {BACKENDS}")
+        if self.backend not in INDEX_BACKENDS:
+            raise bad("backend", f"one of {tuple(INDEX_BACKENDS.names())}")
         if not isinstance(self.kind, str) or not self.kind:
             raise bad("kind", "a non-empty string")
         for name in ("params", "extra"):
@@ -111,6 +228,15 @@ class Manifest:
         for name in ("created", "updated"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, "an ISO time string")
+        if not isinstance(self.extras, list):
+            raise bad("extras", "a list of side-array specs")
+        names = [spec.name for spec in self.extra_specs(source)]
+        if len(set(names)) != len(names):
+            raise bad("extras", "a list of side arrays with distinct names")
+
+    def extra_specs(self, source: str = "manifest") -> tuple[ExtraSpec, ...]:
+        """The side arrays the index keeps for every row (empty for an index without them)."""
+        return tuple(ExtraSpec.from_dict(d, source) for d in self.extras)
 
 
 def _is_int(x: Any) -> bool:
@@ -120,17 +246,37 @@ def _is_int(x: Any) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Interface
 # ----------------------------------------------------------------------------------------------
+IdArray = Sequence[int] | np.ndarray
+
+
 @runtime_checkable
 class Index(Protocol):
-    """What every backend provides. Search is safe from several threads; mutations need exclusive use."""
+    """What every backend provides. Reads (search, vectors, extras, path) are safe from several threads;
+    mutations (add, remove, save) need exclusive use."""
 
     manifest: Manifest
 
-    def add(self, vectors: np.ndarray, paths: Sequence[str]) -> np.ndarray: ...
+    def add(self, vectors: np.ndarray, paths: Sequence[str],
+            extras: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Add (n, dim) float32 vectors with their paths and side arrays {name: (n, ...)}; returns the new ids."""
+        ...
 
-    def remove(self, ids: Sequence[int]) -> int: ...
+    def remove(self, ids: IdArray) -> int: ...
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def vectors(self, ids: IdArray) -> np.ndarray:
+        """The stored (normalised) float32 vectors of live ids: (*ids.shape, dim); KeyError for another id."""
+        ...
+
+    def extras(self, ids: IdArray, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Side arrays of live ids: {name: (*ids.shape, *per-row shape)}, all of them when names is None."""
+        ...
+
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        """Names of the side arrays this index keeps for every row."""
+        ...
 
     def path(self, id: int) -> str: ...
 
@@ -141,105 +287,6 @@ class Index(Protocol):
     def save(self, directory: str | Path | None = None) -> Path: ...
 
     def __len__(self) -> int: ...
-
-
-# ----------------------------------------------------------------------------------------------
-# Row bookkeeping shared by the backends
-# ----------------------------------------------------------------------------------------------
-class RowTable:
-    """Ids and paths of an index's rows in insertion order, plus tombstones for removed rows.
-
-    Ids are assigned in increasing order and compaction keeps the order, so the id array is sorted
-    and id -> row is a binary search: no per-item dict (1M items would cost ~100 MB).
-    """
-
-    def __init__(self, ids: np.ndarray | None = None, paths: list[str] | None = None, next_id: int = 0) -> None:
-        self._parts: list[np.ndarray] = [np.asarray(ids, dtype=np.int64)] if ids is not None else []
-        self._ids: np.ndarray | None = None
-        self.paths: list[str] = list(paths) if paths is not None else []
-        self.dead: set[int] = set()  # removed rows, physically present until the next save compacts them
-        self._dead_sorted: np.ndarray | None = None
-        self.next_id = int(next_id)
-
-    @property
-    def row_ids(self) -> np.ndarray:
-        if self._ids is None:
-            self._ids = np.concatenate(self._parts) if self._parts else np.empty(0, np.int64)
-            self._parts = [self._ids]
-        return self._ids
-
-    @property
-    def rows(self) -> int:
-        return len(self.paths)
-
-    def __len__(self) -> int:
-        return self.rows - len(self.dead)
-
-    def allocate(self, paths: Sequence[str]) -> np.ndarray:
-        """Give new rows fresh ids."""
-        ids = np.arange(self.next_id, self.next_id + len(paths), dtype=np.int64)
-        self._parts.append(ids)
-        self._ids = None
-        self.paths.extend(paths)
-        self.next_id += len(paths)
-        return ids
-
-    def rows_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Row of each id, -1 where the id is unknown or removed."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        table = self.row_ids
-        rows = np.searchsorted(table, ids)
-        found = rows < len(table)
-        found[found] = table[rows[found]] == ids[found]
-        rows = np.where(found, rows, -1)
-        if self.dead:
-            rows[np.isin(rows, self.dead_rows())] = -1
-        return rows
-
-    def remove(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Tombstone the live rows of `ids`; returns those rows (unknown/removed ids are ignored)."""
-        rows = np.unique(self.rows_of(ids))
-        rows = rows[rows >= 0]
-        self.dead.update(rows.tolist())
-        self._dead_sorted = None
-        return rows
-
-    def dead_rows(self) -> np.ndarray:
-        if self._dead_sorted is None:
-            self._dead_sorted = np.array(sorted(self.dead), dtype=np.int64)
-        return self._dead_sorted
-
-    def live_mask(self) -> np.ndarray | None:
-        """Boolean mask of live rows, or None when every row is live."""
-        if not self.dead:
-            return None
-        mask = np.ones(self.rows, dtype=bool)
-        mask[self.dead_rows()] = False
-        return mask
-
-    def path(self, id: int) -> str:
-        row = int(self.rows_of([id])[0])
-        if row < 0:
-            raise KeyError(id)
-        return self.paths[row]
-
-    def live_ids(self) -> np.ndarray:
-        mask = self.live_mask()
-        return self.row_ids.copy() if mask is None else self.row_ids[mask]
-
-    def items(self) -> Iterator[tuple[int, str]]:
-        dead = self.dead
-        for row, (id_, path) in enumerate(zip(self.row_ids.tolist(), self.paths)):
-            if row not in dead:
-                yield id_, path
-
-    def compacted(self) -> RowTable:
-        """The same live items without tombstones (rows renumbered, ids kept)."""
-        mask = self.live_mask()
-        if mask is None:
-            return self
-        paths = [p for p, keep in zip(self.paths, mask.tolist()) if keep]
-        return RowTable(self.row_ids[mask], paths, self.next_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,13 +349,19 @@ def check_params(params: dict[str, Any] | None, defaults: dict[str, Any], where:
 # Common behaviour of the backends
 # ----------------------------------------------------------------------------------------------
 class BaseIndex:
-    """Row bookkeeping, argument checks and locking; backends implement the vector side."""
+    """Row bookkeeping, side arrays, argument checks and locking; backends implement the vector side.
 
-    def __init__(self, manifest: Manifest, table: RowTable, directory: Path | None) -> None:
+    The side arrays live here for every backend, one `Rows` per name aligned with the row table; the
+    backends save them (`storage.extra_writers`) and load them (`storage.load_extras`) with their rows.
+    """
+
+    def __init__(self, manifest: Manifest, table: RowTable, directory: Path | None,
+                 extras: Mapping[str, np.ndarray] | None = None) -> None:
         self.manifest = manifest
         self._table = table
         self._directory = directory
         self._lock = threading.RLock()  # serialises mutations (add/remove/save)
+        self._extras = _extra_rows(manifest.extra_specs(), extras)
 
     # -- backend hooks ---------------------------------------------------------------------------
     def _add_rows(self, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -320,15 +373,29 @@ class BaseIndex:
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def _gather_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of valid, live row numbers (any shape) -> (*rows.shape, dim) float32."""
+        raise NotImplementedError
+
     # -- public API ------------------------------------------------------------------------------
-    def add(self, vectors: np.ndarray, paths: Sequence[str]) -> np.ndarray:
-        """Add (n, dim) float32 vectors (already L2-normalised) with their paths; returns their new ids."""
+    def add(self, vectors: np.ndarray, paths: Sequence[str],
+            extras: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Add (n, dim) float32 vectors (already L2-normalised) with their paths and side arrays; returns
+        their new ids. `extras` maps each side-array name to an (n, ...) array (floating ones are stored
+        as float16); an index with rows needs exactly the side arrays it keeps, an empty one takes any."""
         vectors = check_vectors(vectors, self.manifest.dim, paths)
-        if len(vectors) == 0:
-            return np.empty(0, dtype=np.int64)
         with self._lock:
+            defining = self._table.rows == 0  # no rows, live or removed: this add names the side arrays
+            arrays, specs = check_extras(extras, len(vectors), None if defining else self.manifest.extra_specs())
+            if len(vectors) == 0:
+                return np.empty(0, dtype=np.int64)
+            if defining:
+                self.manifest.extras = [spec.to_dict() for spec in specs]
+                self._extras = _extra_rows(specs, None)
             ids = self._table.allocate(list(paths))
             try:
+                for name, array in arrays.items():
+                    self._extras[name].append(array)
                 self._add_rows(vectors, ids)
             except BaseException:
                 self._rollback(len(ids))
@@ -343,12 +410,12 @@ class BaseIndex:
         fresh = RowTable(ids, paths, table.next_id)
         fresh.dead = table.dead
         self._table = fresh
+        for rows in self._extras.values():
+            rows.truncate(keep)
 
-    def remove(self, ids: Sequence[int]) -> int:
+    def remove(self, ids: IdArray) -> int:
         """Remove items by id; unknown or already removed ids are ignored. Returns how many were removed."""
-        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1)
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise IndexStoreError(f"remove(ids): expected integer ids, got dtype {ids.dtype}")
+        ids = _id_array(ids, "remove").reshape(-1)
         with self._lock:
             rows = self._table.remove(ids)
             if len(rows):
@@ -361,6 +428,34 @@ class BaseIndex:
         if len(self._table) == 0 or len(q) == 0:
             return empty_results(len(q), k)
         return self._search(q, k)
+
+    def vectors(self, ids: IdArray) -> np.ndarray:
+        """The stored (normalised) vectors of live ids: (*ids.shape, dim) float32 (a list of n ids: (n, dim)).
+        KeyError naming the first unknown or removed id."""
+        rows = self._live_rows(ids, "vectors")
+        if rows.size == 0:
+            return np.empty((*rows.shape, self.manifest.dim), dtype=np.float32)
+        return self._gather_vectors(rows)
+
+    def extras(self, ids: IdArray, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Side arrays of live ids, {name: (*ids.shape, *per-row shape)} in their stored dtypes (floating
+        ones float16); all of them when `names` is None. KeyError naming the first unknown or removed id."""
+        if names is None:
+            names = self.extra_names
+        if isinstance(names, str):
+            names = [names]
+        for name in names:
+            if name not in self._extras:
+                raise IndexStoreError(f"extras(names): {name!r} is not a side array of this index (it keeps "
+                                      f"{', '.join(map(repr, self.extra_names)) or 'none'})")
+        rows = self._live_rows(ids, "extras")
+        extras = self._extras
+        return {name: extras[name].gather(rows) for name in names}
+
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        """Names of the side arrays kept for every row, in the manifest's order."""
+        return tuple(spec["name"] for spec in self.manifest.extras)
 
     def path(self, id: int) -> str:
         """Path of a live item; KeyError for an unknown or removed id."""
@@ -380,6 +475,24 @@ class BaseIndex:
         m = self.manifest
         return f"<{type(self).__name__} {m.backend}/{m.kind} dim={m.dim} items={len(self)} at {self._directory}>"
 
+    # -- helpers for the backends ----------------------------------------------------------------
+    def _live_rows(self, ids: IdArray, where: str) -> np.ndarray:
+        """Row numbers of live ids (same shape as ids); KeyError naming the first other id."""
+        ids = _id_array(ids, where)
+        rows = self._table.rows_of(ids.reshape(-1))
+        if len(rows) and rows.min() < 0:
+            bad = int(ids.reshape(-1)[np.flatnonzero(rows < 0)[0]])
+            raise KeyError(f"id {bad}: not in the index (unknown or removed)")
+        return rows.reshape(ids.shape)
+
+    def _adopt_extras(self, load: Callable[[], Mapping[str, np.ndarray]], mask: np.ndarray | None,
+                      mapped: bool) -> None:
+        """After a save: take the side arrays from the new version (`load()`) when the ones in memory are laid
+        out otherwise (tombstoned rows, several parts, or mapped from a version that is now deleted)."""
+        if self._extras and (mask is not None or mapped or any(len(r.parts) > 1 for r in self._extras.values())):
+            arrays = load()
+            self._extras = {name: Rows(r.shape, r.dtype, arrays[name]) for name, r in self._extras.items()}
+
     def _target(self, directory: str | Path | None) -> Path:
         if directory is None:
             if self._directory is None:
@@ -393,55 +506,18 @@ class BaseIndex:
                            "version": FORMAT_VERSION, "params": {**m.params, **params}})
 
 
-# ----------------------------------------------------------------------------------------------
-# Entry points
-# ----------------------------------------------------------------------------------------------
-def _backend(name: str) -> Any:
-    if name == "faiss":
-        from xmr.index.faiss_index import FaissIndex
-
-        return FaissIndex
-    if name == "milvus":
-        from xmr.index.milvus_index import MilvusIndex
-
-        return MilvusIndex
-    raise IndexStoreError(f"backend={name!r}: use one of {BACKENDS}")
+def _extra_rows(specs: Sequence[ExtraSpec], arrays: Mapping[str, np.ndarray] | None) -> dict[str, Rows]:
+    arrays = arrays or {}
+    return {spec.name: Rows(spec.shape, spec.dtype, arrays.get(spec.name)) for spec in specs}
 
 
-def create_index(dim: int, model_id: str, *, backend: str = "faiss", kind: str = "flat",
-                 params: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Index:
-    """A new, empty, unsaved index; `save(directory)` writes it."""
-    cls = _backend(backend)
-    manifest = Manifest(model_id=model_id, dim=dim, backend=backend, kind=kind, extra=dict(extra or {}))
-    manifest.validate("create_index()")
-    return cls.create(manifest, params)
-
-
-def read_manifest(directory: str | Path) -> Manifest:
-    """The manifest of the index's live version (validated)."""
-    from xmr.index import storage
-
-    path = storage.current_version(Path(directory)) / storage.MANIFEST
-    return Manifest.from_dict(storage.read_json(path), str(path))
-
-
-def open_index(directory: str | Path, *, mmap: bool = False) -> Index:
-    """Open a saved index; with mmap=True the stored vectors are memory-mapped instead of read."""
-    from xmr.index import storage
-
-    directory = Path(directory)
-    for attempt in range(3):
-        folder = storage.current_version(directory)
-        path = folder / storage.MANIFEST
-        try:
-            manifest = Manifest.from_dict(storage.read_json(path), str(path))
-            index = _backend(manifest.backend).load(folder, manifest, directory, mmap=mmap)
-        except FileNotFoundError as e:
-            if attempt < 2 and storage.current_version(directory) != folder:
-                time.sleep(0.05)  # a concurrent save replaced this version while we read it: retry
-                continue
-            raise IndexStoreError(f"{e.filename}: missing from the index's live version; the index is corrupt, "
-                                  "rebuild it with `xmr index build`") from e
-        storage.clean_stale(directory)
-        return index
-    raise AssertionError("unreachable")
+def _id_array(ids: Any, where: str) -> np.ndarray:
+    """ids (a sequence, an array of any shape, an iterator) as an int64 array; other dtypes are refused."""
+    if not isinstance(ids, (np.ndarray, Sequence)) and not hasattr(ids, "__array__"):
+        ids = list(ids)  # an iterator, a set
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise IndexStoreError(f"{where}(ids): expected integer ids, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)

@@ -1,7 +1,9 @@
 """In-process FAISS backend: exact `flat`, graph-based `hnsw`, compressed `ivfpq`.
 
 All kinds keep the float32 vectors themselves (vectors.npy): flat searches them directly, hnsw
-needs them to rebuild without removed items, ivfpq re-ranks its approximate candidates exactly.
+needs them to rebuild without removed items, ivfpq re-ranks its approximate candidates exactly,
+and `vectors(ids)` returns them. Side arrays (`add(..., extras=...)`) are kept by `BaseIndex` and
+saved next to the vectors (extra.NAME.npy, see `xmr.index.storage`).
 
 * flat: exact top-k by brute force (FAISS's blocked BLAS kernel), chunk by chunk over a
   memory-mapped vectors.npy when opened with mmap=True, so memory stays bounded.
@@ -27,14 +29,15 @@ from __future__ import annotations
 import math
 import mmap as mmap_module
 import shutil
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from xmr.index import storage
-from xmr.index.base import BaseIndex, IndexStoreError, Manifest, RowTable, check_params, empty_results
+from xmr.index.base import BaseIndex, IndexStoreError, Manifest, check_params, empty_results
+from xmr.index.rows import Rows, RowTable
 
 __all__ = ["KINDS", "FaissIndex", "auto_ivf_params"]
 
@@ -60,79 +63,6 @@ def _faiss() -> Any:
     except ImportError as e:
         raise IndexStoreError("the faiss index backend needs FAISS: pip install faiss-cpu") from e
     return faiss
-
-
-# ----------------------------------------------------------------------------------------------
-# Vector rows
-# ----------------------------------------------------------------------------------------------
-class _Vectors:
-    """Float32 rows: an optional memory-mapped base plus appended in-memory parts.
-
-    Appended parts are merged like a binary counter (a part absorbs the next when it is at most
-    twice as big), so there are O(log n) parts and adding n rows in chunks copies O(n log n).
-    """
-
-    def __init__(self, dim: int, base: np.ndarray | None = None) -> None:
-        self.dim = dim
-        self.parts: list[np.ndarray] = [] if base is None or len(base) == 0 else [base]
-
-    @property
-    def rows(self) -> int:
-        return sum(len(p) for p in self.parts)
-
-    def append(self, arr: np.ndarray) -> None:
-        parts = self.parts + [np.array(arr, dtype=np.float32, copy=True)]
-        while (len(parts) >= 2 and not _is_mapped(parts[-2]) and len(parts[-2]) <= 2 * len(parts[-1])):
-            parts[-2:] = [np.concatenate(parts[-2:])]
-        self.parts = parts  # one assignment: concurrent searches see the old or the new list
-
-    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, contiguous block); memory-mapped parts come in bounded blocks."""
-        start = 0
-        for part in self.parts:
-            step = MMAP_BLOCK_ROWS if _is_mapped(part) else max(len(part), 1)
-            for s in range(0, len(part), step):
-                yield start + s, part[s : s + step]
-            start += len(part)
-
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Rows by index (any shape of valid row numbers) -> (*rows.shape, dim)."""
-        flat = rows.reshape(-1)
-        out = np.empty((len(flat), self.dim), dtype=np.float32)
-        start = 0
-        for part in self.parts:
-            sel = np.flatnonzero((flat >= start) & (flat < start + len(part)))
-            if len(sel):
-                order = np.argsort(flat[sel])  # sorted reads are kinder to a memory-mapped file
-                out[sel[order]] = part[flat[sel[order]] - start]
-            start += len(part)
-        return out.reshape(*rows.shape, self.dim)
-
-    def live_chunks(self, mask: np.ndarray | None, chunk: int = MMAP_BLOCK_ROWS) -> Iterator[np.ndarray]:
-        """The rows where mask is True (all when None), in order, as contiguous chunks."""
-        start = 0
-        for part in self.parts:
-            for s in range(0, len(part), chunk):
-                block = part[s : s + chunk]
-                if mask is not None:
-                    block = block[mask[start + s : start + s + len(block)]]
-                if len(block):
-                    yield np.ascontiguousarray(block)
-            start += len(part)
-
-    def write_npy(self, path: Path, mask: np.ndarray | None) -> None:
-        """Stream the selected rows into a .npy file without building them in memory."""
-        n = self.rows if mask is None else int(mask.sum())
-        if n == 0:
-            storage.write_npy(path, np.empty((0, self.dim), dtype=np.float32))
-            return
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, self.dim))
-        at = 0
-        for block in self.live_chunks(mask):
-            out[at : at + len(block)] = block
-            at += len(block)
-        out.flush()
-        del out
 
 
 def _faiss_topk(queries: np.ndarray, block: np.ndarray, k: int, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,10 +97,6 @@ def _advise_random(a: np.ndarray) -> None:
             pass  # advice only
 
 
-def _is_mapped(a: np.ndarray) -> bool:
-    return isinstance(a, np.memmap) or isinstance(getattr(a, "base", None), np.memmap)
-
-
 def _merge_topk(best: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], k: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep the k highest scores of two (n, *) candidate sets; stable, so earlier rows win ties."""
@@ -186,9 +112,10 @@ def _merge_topk(best: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.n
 class FaissIndex(BaseIndex):
     """See the module docstring. Create with `xmr.index.create_index`, open with `open_index`."""
 
-    def __init__(self, manifest: Manifest, table: RowTable, vectors: _Vectors, index: Any,
-                 directory: Path | None, mmap: bool, faiss_file: Path | None = None) -> None:
-        super().__init__(manifest, table, directory)
+    def __init__(self, manifest: Manifest, table: RowTable, vectors: Rows, index: Any,
+                 directory: Path | None, mmap: bool, faiss_file: Path | None = None,
+                 extras: Mapping[str, np.ndarray] | None = None) -> None:
+        super().__init__(manifest, table, directory, extras)
         self._vectors = vectors
         self._index = index  # None for flat, and for an "auto" ivfpq until it is trained
         self._mmap = mmap
@@ -207,7 +134,7 @@ class FaissIndex(BaseIndex):
         index = None
         if kind != "ivfpq" or manifest.params["nlist"] is not None:  # "auto" ivfpq: created when it trains
             index = _new_faiss_index(faiss, kind, manifest.dim, manifest.params)
-        return cls(manifest, RowTable(), _Vectors(manifest.dim), index, None, mmap=False)
+        return cls(manifest, RowTable(), _vector_rows(manifest.dim), index, None, mmap=False)
 
     @classmethod
     def load(cls, folder: Path, manifest: Manifest, directory: Path, *, mmap: bool = False) -> FaissIndex:
@@ -223,12 +150,13 @@ class FaissIndex(BaseIndex):
                                   f"{manifest.dim}; the index is corrupt, rebuild it")
         if mmap and kind == "ivfpq":
             _advise_random(vectors)  # re-ranking reads scattered rows: no readahead of their neighbours
+        extras = storage.load_extras(folder, manifest, table.rows, mmap=mmap)
         faiss_file = folder / FAISS_FILE
         index = None
         if kind == "hnsw" or (kind == "ivfpq" and (manifest.params["nlist"] is not None or faiss_file.exists())):
             index = _read_faiss(faiss_file, manifest, table, mmap=mmap)
-        return cls(manifest, table, _Vectors(manifest.dim, vectors), index, directory, mmap,
-                   faiss_file if index is not None else None)
+        return cls(manifest, table, _vector_rows(manifest.dim, vectors), index, directory, mmap,
+                   faiss_file if index is not None else None, extras)
 
     def _ivf_trained(self) -> bool:
         return self._index is not None and self._index.is_trained
@@ -302,13 +230,16 @@ class FaissIndex(BaseIndex):
         order = np.argsort(~valid, axis=1, kind="stable")  # pushes holes to the end, keeps score order
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
+    def _gather_vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self._vectors.gather(rows)  # every kind keeps its float32 vectors (vectors.npy)
+
     def _search_exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over all rows, block by block, skipping tombstones: (scores, rows)."""
         dead = self._table.dead_rows() if self._table.dead else np.empty(0, np.int64)
         # FAISS's kernel is single-threaded per query below 20 queries; numpy's BLAS matvec is not
         block_topk = _numpy_topk if len(queries) < FAISS_MIN_BATCH else _faiss_topk
         best = empty_results(len(queries), k)
-        for start, block in self._vectors.blocks():
+        for start, block in self._vectors.blocks(MMAP_BLOCK_ROWS):
             lo, hi = np.searchsorted(dead, [start, start + len(block)])
             scores, rows = block_topk(queries, block, k, dead[lo:hi] - start)
             best = _merge_topk(best, (scores, np.where(rows >= 0, rows + start, -1)), k)
@@ -392,7 +323,8 @@ class FaissIndex(BaseIndex):
             index, mapped_from = self._index, self._faiss_file
             if self.manifest.kind == "hnsw" and mask is not None:
                 index, mapped_from = self._rebuild_hnsw(mask), None
-            writers = {**storage.table_writers(table), "vectors.npy": lambda p: self._vectors.write_npy(p, mask)}
+            writers = {**storage.table_writers(table), "vectors.npy": lambda p: self._vectors.write_npy(p, mask),
+                       **storage.extra_writers(self._extras, mask)}
             if mapped_from is not None:  # unchanged since mapped: copy the file (FAISS would write a reference)
                 writers[FAISS_FILE] = lambda p: shutil.copyfile(mapped_from, p)
             elif index is not None:
@@ -400,14 +332,19 @@ class FaissIndex(BaseIndex):
             manifest = self._next_manifest(len(table))
             folder = storage.save_version(target, manifest.to_dict(), writers)
             self._faiss_file = folder / FAISS_FILE if mapped_from is not None else None
-            if mask is not None or self._mmap or self.manifest.kind == "hnsw" or len(self._vectors.parts) > 1:
-                # adopt the compacted rows: mapped when they were (the old file is gone), else read
-                mapped = self._mmap or self.manifest.kind == "hnsw"
-                base = storage.load_npy(folder / "vectors.npy", mmap=mapped)
-                self._vectors = _Vectors(manifest.dim, base)
+            self._adopt(folder, manifest, mask)
             self._table, self._index, self._selector = table, index, None
             self.manifest, self._directory = manifest, target
             return folder
+
+    def _adopt(self, folder: Path, manifest: Manifest, mask: np.ndarray | None) -> None:
+        """After a save, use the new version's compacted rows: mapped when they were (the old files go), else read."""
+        if mask is not None or self._mmap or self.manifest.kind == "hnsw" or len(self._vectors.parts) > 1:
+            mapped = self._mmap or self.manifest.kind == "hnsw"
+            base = storage.load_npy(folder / "vectors.npy", mmap=mapped)
+            self._vectors = _vector_rows(manifest.dim, base)
+        self._adopt_extras(lambda: storage.load_extras(folder, manifest, manifest.count, mmap=self._mmap), mask,
+                           self._mmap)
 
     def _rebuild_hnsw(self, mask: np.ndarray) -> Any:
         faiss = _faiss()
@@ -420,6 +357,10 @@ class FaissIndex(BaseIndex):
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
+def _vector_rows(dim: int, base: np.ndarray | None = None) -> Rows:
+    return Rows((dim,), np.float32, base)
+
+
 MIN_POINTS_PER_CENTROID = 39  # FAISS's k-means warns below this many training points per centroid
 
 

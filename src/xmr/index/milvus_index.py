@@ -12,13 +12,17 @@ directory's crash safety:
 * remove() only tombstones; save() writes the new version first and deletes from Milvus after.
   Ids whose deletion may not have happened are recorded (deleted.npy) and deleted again next save.
 Searches over-fetch to make up for tombstones and strays.
+
+`vectors(ids)` queries Milvus by id (live ids only: the table is checked first). Side arrays
+(`add(..., extras=...)`) stay out of Milvus: like the id -> path map they are local files of each
+version folder (extra.NAME.npy, aligned with ids.npy), memory-mapped when opened with mmap=True.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ KINDS: dict[str, dict[str, Any]] = {
 }
 COMMON = {"uri": "milvus.db", "token": "", "collection": "xmr"}
 MAX_TOPK = 16_384  # Milvus's largest search limit
-BATCH_ROWS = 1_000  # rows per upsert request (well below the 64 MiB gRPC message limit at 512-d)
+BATCH_ROWS = 1_000  # rows per upsert or get request (well below the 64 MiB gRPC message limit at 512-d)
 DELETED_FILE = "deleted.npy"
 
 _clients: dict[tuple[str, str], Any] = {}  # one client per server/file: Milvus Lite starts a process each
@@ -96,8 +100,10 @@ def _quiet_unimplemented() -> Iterator[None]:
 class MilvusIndex(BaseIndex):
     """See the module docstring. Create with `xmr.index.create_index`, open with `open_index`."""
 
-    def __init__(self, manifest: Manifest, table: RowTable, directory: Path | None) -> None:
-        super().__init__(manifest, table, directory)
+    def __init__(self, manifest: Manifest, table: RowTable, directory: Path | None, *, mmap: bool = False,
+                 extras: Mapping[str, np.ndarray] | None = None) -> None:
+        super().__init__(manifest, table, directory, extras)
+        self._mmap = mmap  # side arrays mapped from the version folder
         self._pending_delete: set[int] = set()  # removed before, their Milvus delete not yet confirmed
         self._conn: Any = None
 
@@ -116,7 +122,9 @@ class MilvusIndex(BaseIndex):
         source = str(folder / storage.MANIFEST)
         manifest.kind = _kind(manifest.kind, source)
         manifest.params = _resolve_params(manifest.kind, manifest.params, source)
-        index = cls(manifest, storage.load_table(folder, manifest), directory)
+        table = storage.load_table(folder, manifest)
+        extras = storage.load_extras(folder, manifest, table.rows, mmap=mmap)
+        index = cls(manifest, table, directory, mmap=mmap, extras=extras)
         deleted = folder / DELETED_FILE
         if deleted.is_file():
             index._pending_delete = set(storage.load_npy(deleted, dtype=np.int64, ndim=1).tolist())
@@ -181,9 +189,10 @@ class MilvusIndex(BaseIndex):
                                   "under fields id/vector; it belongs to something else")
 
     # -- mutation hooks ----------------------------------------------------------------------------
-    def add(self, vectors: np.ndarray, paths: Sequence[str]) -> np.ndarray:
+    def add(self, vectors: np.ndarray, paths: Sequence[str],
+            extras: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         self._connect(create=False)  # fail before ids are handed out when there is nowhere to put vectors
-        return super().add(vectors, paths)
+        return super().add(vectors, paths, extras)
 
     def _add_rows(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         client, name = self._connect(create=False), self.manifest.params["collection"]
@@ -219,6 +228,24 @@ class MilvusIndex(BaseIndex):
             todo, limit = np.array(again, dtype=np.int64), min(MAX_TOPK, limit * 4)
         return scores, ids
 
+    def _gather_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of live rows, fetched from Milvus by id (each distinct id once)."""
+        client, name = self._connect(create=False), self.manifest.params["collection"]
+        ids = self._table.row_ids[rows.reshape(-1)]
+        unique, inverse = np.unique(ids, return_inverse=True)
+        found = np.zeros((len(unique), self.manifest.dim), dtype=np.float32)
+        seen = np.zeros(len(unique), dtype=bool)
+        for s in range(0, len(unique), BATCH_ROWS):
+            for hit in client.get(name, ids=unique[s : s + BATCH_ROWS].tolist(), output_fields=["vector"]):
+                at = int(np.searchsorted(unique, int(hit["id"])))
+                found[at], seen[at] = np.asarray(hit["vector"], dtype=np.float32), True
+        if not seen.all():
+            missing = int(unique[np.flatnonzero(~seen)[0]])
+            raise IndexStoreError(f"Milvus collection {name!r} at {self._uri()} has no vector for id {missing}, which "
+                                  f"the index directory {self._directory} lists; the collection was changed by "
+                                  "something else: rebuild the index with `xmr index build`")
+        return found[inverse].reshape(*rows.shape, self.manifest.dim)
+
     def _search_params(self, limit: int) -> dict[str, Any]:
         p, kind = self.manifest.params, self.manifest.kind
         if kind == "HNSW":
@@ -239,9 +266,12 @@ class MilvusIndex(BaseIndex):
             dead = set(self._table.row_ids[~mask].tolist()) if mask is not None else set()
             pending = np.array(sorted(self._pending_delete | dead), dtype=np.int64)
             client.flush(name)  # the vectors must be durable before the directory says they exist
-            writers = {**storage.table_writers(table), DELETED_FILE: lambda path: storage.write_npy(path, pending)}
+            writers = {**storage.table_writers(table), **storage.extra_writers(self._extras, mask),
+                       DELETED_FILE: lambda path: storage.write_npy(path, pending)}
             manifest = self._next_manifest(len(table), uri=self._stored_uri(target))
             folder = storage.save_version(target, manifest.to_dict(), writers)
+            self._adopt_extras(lambda: storage.load_extras(folder, manifest, len(table), mmap=self._mmap), mask,
+                               self._mmap)
             self._table, self.manifest, self._directory = table, manifest, target
             self._pending_delete = set(pending.tolist())
             self._apply_deletes(client, name, pending, table.next_id)

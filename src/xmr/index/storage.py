@@ -8,11 +8,23 @@
         paths.json       JSON list of n paths, aligned with ids.npy
         vectors.npy      float32 (n, dim), aligned with ids.npy (FAISS backend; memory-mappable)
         faiss.index      serialised FAISS structure (hnsw, ivfpq)
+        extra.NAME.npy   one per side array listed in the manifest's "extras" ({name, shape, dtype}):
+                         (n, *shape) of dtype (float16 for floating arrays), aligned with ids.npy, for
+                         both backends (Milvus keeps only the vectors; the side arrays, like the
+                         id -> path map, live here); memory-mapped when opened with mmap=True
+        deleted.npy      int64: ids whose Milvus delete may not have happened yet (Milvus backend)
+      milvus.db          Milvus Lite file (Milvus backend with the default uri)
       .tmp-HOST-PID-XXXX a save in progress (or one killed mid-way: ignored, cleaned later)
 
 Save writes a new version under a temporary name and fsyncs every file, renames it to vNNNNNN,
 then atomically replaces CURRENT (temp file + os.replace + fsync of the directory) and only then
 deletes older versions. A process killed at any point leaves CURRENT naming a complete version.
+The side arrays are files of the version folder like the others: written and fsynced before the
+manifest, renamed with the folder, so a version's rows, vectors and side arrays always agree.
+
+Compatibility: format version 2 added the side arrays. A version-1 manifest (no "extras") reads as
+an index without side arrays, and its next save writes version 2; a version-2 index is refused by
+an xmr that reads only version 1 (it would drop the side arrays when saving).
 """
 
 from __future__ import annotations
@@ -24,12 +36,13 @@ import secrets
 import shutil
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from xmr.atomic import fsync_dir, fsync_file, write_durable
 from xmr.index.base import IndexStoreError, Manifest, RowTable
 
 __all__ = [
@@ -37,6 +50,9 @@ __all__ = [
     "MANIFEST",
     "clean_stale",
     "current_version",
+    "extra_file",
+    "extra_writers",
+    "load_extras",
     "load_npy",
     "load_table",
     "read_json",
@@ -132,6 +148,25 @@ def load_table(folder: Path, manifest: Manifest) -> RowTable:
     return RowTable(ids, paths, manifest.next_id)
 
 
+def extra_file(name: str) -> str:
+    """File name of a side array in a version folder."""
+    return f"extra.{name}.npy"
+
+
+def load_extras(folder: Path, manifest: Manifest, rows: int, *, mmap: bool = False) -> dict[str, np.ndarray]:
+    """The side arrays the manifest lists, each checked to be (rows, *shape) of its dtype; mapped with mmap."""
+    source = str(folder / MANIFEST)
+    out = {}
+    for spec in manifest.extra_specs(source):
+        path = folder / extra_file(spec.name)
+        arr = load_npy(path, mmap=mmap, dtype=np.dtype(spec.dtype))
+        if arr.shape != (rows, *spec.shape):
+            raise IndexStoreError(f"{path}: shape {arr.shape} does not match the {rows} ids with per-row shape "
+                                  f"{spec.shape} of side array {spec.name!r}; the index is corrupt, rebuild it")
+        out[spec.name] = arr
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
@@ -150,19 +185,10 @@ def table_writers(table: RowTable) -> dict[str, Callable[[Path], None]]:
     return {"ids.npy": lambda p: write_npy(p, table.row_ids), "paths.json": lambda p: write_json(p, table.paths)}
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError:  # some file systems cannot fsync directories; the rename is still atomic
-        pass
+def extra_writers(extras: Mapping[str, Any], mask: np.ndarray | None) -> dict[str, Callable[[Path], None]]:
+    """Writers of extra.NAME.npy for save_version: the rows where mask is True (all when None) of each
+    side array (an `xmr.index.rows.Rows`), streamed block by block."""
+    return {extra_file(name): (lambda p, rows=rows: rows.write_npy(p, mask)) for name, rows in extras.items()}
 
 
 def _tmp_name() -> str:
@@ -190,16 +216,16 @@ def save_version(directory: Path, manifest: dict[str, Any], writers: dict[str, C
         _stage("begin")
         for name, write in writers.items():
             write(tmp / name)
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
             _stage(f"file:{name}")
-        write_json(tmp / MANIFEST, manifest)  # last: a folder with a manifest is complete
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
+        # last: a folder with a manifest is complete
+        write_durable(tmp / MANIFEST, json.dumps(manifest, ensure_ascii=False).encode("utf-8"))
+        fsync_dir(tmp)
         _stage("manifest")
         number = max(_versions(directory), default=0) + 1
         final = directory / f"v{number:06d}"
         os.rename(tmp, final)  # fails if a concurrent save took the number: nothing is overwritten
-        _fsync_dir(directory)
+        fsync_dir(directory)
         _stage("renamed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,16 +239,13 @@ def save_version(directory: Path, manifest: dict[str, Any], writers: dict[str, C
 def _set_current(directory: Path, name: str) -> None:
     tmp = directory / (_tmp_name() + "." + CURRENT)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _stage("current-tmp")
+        write_durable(tmp, (name + "\n").encode("utf-8"))
+        _stage("current-tmp")  # (atomic_write_text would do the same, without this crash-test stage)
         os.replace(tmp, directory / CURRENT)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _remove_old(directory: Path, keep: str) -> None:

@@ -90,7 +90,7 @@ def build_train_loader(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: 
         sampler = None
 
     def epoch_batches(epoch: int):
-        if sampler is not None and hasattr(sampler, "set_epoch"):
+        if sampler is not None:  # both samplers derive their order from (seed, epoch)
             sampler.set_epoch(epoch)
         return build_loader(dataset, per_rank, shuffle=sampler is None, sampler=sampler,
                             num_workers=cfg.data.num_workers, drop_last=True,

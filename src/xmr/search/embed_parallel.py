@@ -7,6 +7,8 @@ image embedded twice, e.g. after changing N between runs, is indexed once).
 
 Combined with `--shard i/n` (one machine's share of a cluster run), process j of this machine takes
 part i + n*j of n*N: the machines' parts and their processes' parts still tile the listing exactly.
+Each part is an ordinary embedding store, side arrays included (`xmr.search.embed`), so the merge
+carries every image's side arrays into the index with its vector.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmr.search.embed import EmbedResult, embed_images
 from xmr.errors import XmrError
+from xmr.search.embed import EmbedResult, embed_images
 
 
 @dataclass
@@ -96,28 +98,10 @@ def embed_images_parallel(source: str | Path, checkpoint: str | Path, out: str |
         child = ctx.Process(target=_child, args=(args, progress_queue, results), daemon=True)
         child.start()
         children.append(child)
-    outcome: dict[int, EmbedResult] = {}
-    errors: list[str] = []
     bar = tqdm(total=total, desc=f"embedding ({processes} processes)", unit="img", disable=not progress,
                dynamic_ncols=True)
     try:
-        while len(outcome) + len(errors) < len(children):
-            _drain(progress_queue, bar)
-            try:
-                part, result, error = results.get(timeout=0.2)
-            except queue.Empty:
-                dead = [c for c in children if not c.is_alive() and c.exitcode not in (0, None)]
-                if dead and results.empty():
-                    time.sleep(0.5)  # a result may still be in flight from a process that just ended
-                    if results.empty():
-                        raise XmrError(f"an embedding process died (exit code {dead[0].exitcode}); "
-                                       "run the same command again to resume") from None
-                continue
-            if error:
-                errors.append(f"part {part}/{len(parts) * shard[1]}: {error}")
-            else:
-                outcome[part] = result
-        _drain(progress_queue, bar)
+        outcome, errors = _collect(children, results, progress_queue, bar, len(parts) * shard[1])
     finally:
         bar.close()
         for child in children:
@@ -127,6 +111,31 @@ def embed_images_parallel(source: str | Path, checkpoint: str | Path, out: str |
     if errors:
         raise XmrError("embedding failed in " + "; ".join(errors))
     return ParallelEmbedResult(out, [outcome[p[0]] for p in parts], time.perf_counter() - start)
+
+
+def _collect(children: list[Any], results: Any, progress_queue: Any, bar: Any, parts: int
+             ) -> tuple[dict[int, EmbedResult], list[str]]:
+    """Wait for every child's result (driving the progress bar); a child that dies without one raises."""
+    outcome: dict[int, EmbedResult] = {}
+    errors: list[str] = []
+    while len(outcome) + len(errors) < len(children):
+        _drain(progress_queue, bar)
+        try:
+            part, result, error = results.get(timeout=0.2)
+        except queue.Empty:
+            dead = [c for c in children if not c.is_alive() and c.exitcode not in (0, None)]
+            if dead and results.empty():
+                time.sleep(0.5)  # a result may still be in flight from a process that just ended
+                if results.empty():
+                    raise XmrError(f"an embedding process died (exit code {dead[0].exitcode}); "
+                                   "run the same command again to resume") from None
+            continue
+        if error:
+            errors.append(f"part {part}/{parts}: {error}")
+        else:
+            outcome[part] = result
+    _drain(progress_queue, bar)
+    return outcome, errors
 
 
 def _drain(progress_queue: Any, bar: Any) -> None:

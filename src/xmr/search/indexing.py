@@ -1,8 +1,11 @@
 """Build and update a search index from embedding directories (`xmr index build/add/remove`).
 
 One index covers one images root and one model: embedding directories (whole runs, `--shard i/n`
-parts, or torchrun's `shard-*` folders) are merged only when both agree, since mixing models would
-make scores meaningless and mixing roots would make the stored relative paths ambiguous.
+parts, `--processes N` or torchrun's `shard-*` folders) are merged only when both agree, since mixing
+models would make scores meaningless and mixing roots would make the stored relative paths ambiguous.
+Their side arrays (per-image features for a second scoring stage) must agree too, and travel with
+their vectors into the index (`Index.add(vectors, paths, extras)`); an image embedded twice is
+indexed once, with the side arrays of its first copy.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xmr.search.embed import EmbeddingStore, find_stores
+import numpy as np
+
 from xmr.errors import XmrError
+from xmr.search.embed import EmbeddingStore, find_stores
 
 
 @dataclass
@@ -32,6 +37,7 @@ def _check_compatible(stores: Sequence[EmbeddingStore], model_id: str | None = N
     first = stores[0]
     model_id = model_id or first.model_id
     images_root = images_root or first.manifest["images_root"]
+    _check_same_extras(stores)
     for store in stores:
         if store.model_id != model_id:
             raise XmrError(f"{store.directory} was embedded by model {store.model_id}, but the index uses "
@@ -42,14 +48,31 @@ def _check_compatible(stores: Sequence[EmbeddingStore], model_id: str | None = N
     return model_id, images_root, int(first.manifest["dim"])
 
 
+def _check_same_extras(stores: Sequence[EmbeddingStore]) -> None:
+    """Stores holding chunks must hold the same side arrays (a store with none written yet has no say)."""
+    fixed = [(store, store.extra_specs) for store in stores if store.extra_specs is not None and store.chunk_names()]
+    for store, specs in fixed[1:]:
+        if specs != fixed[0][1]:
+            first, first_specs = fixed[0]
+            raise XmrError(f"{store.directory} holds side arrays {_describe(specs)}, but {first.directory} holds "
+                           f"{_describe(first_specs)}; embed both with the same checkpoint and xmr version")
+
+
+def _describe(specs: Sequence[Any]) -> str:
+    return ", ".join(spec.describe() for spec in specs) or "none"
+
+
 def _add_stores(index: Any, stores: Sequence[EmbeddingStore], known: set[str]) -> tuple[int, int]:
     added = skipped = 0
     for store in stores:
-        for vectors, paths in store.iter_chunks():
+        for chunk in store.chunks():
+            paths = chunk.paths
             keep = [i for i, p in enumerate(paths) if p not in known]
             skipped += len(paths) - len(keep)
             if keep:
-                index.add(vectors[keep], [paths[i] for i in keep])
+                rows = np.asarray(keep)
+                index.add(chunk.vectors[rows], [paths[i] for i in keep],
+                          {name: values[rows] for name, values in chunk.extras.items()})
                 known.update(paths[i] for i in keep)
                 added += len(keep)
     return added, skipped
