@@ -51,6 +51,14 @@ def tiny_method(name: str, tokenizer: ClipTokenizer) -> Method:
     return build_method(cfg, ctx)
 
 
+def save_checkpoint(method: Method, tokenizer: ClipTokenizer, directory: Path) -> Path:
+    tokenizer.save(directory.parent / "tok.gz")
+    config = {"model": method.export_config(), "tokenizer": TOKENIZER_FILE, "context_length": CONTEXT,
+              "image_size": list(IMAGE_SIZE)}
+    return save_model_dir(directory, config, method.state_dict(),
+                          extra_files={TOKENIZER_FILE: (directory.parent / "tok.gz").read_bytes()})
+
+
 def train_batch(method: Method, records, tokenizer) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
     dataset = ImageTextDataset(records, build_transform(True, IMAGE_SIZE),
@@ -76,12 +84,7 @@ def test_forward_gives_a_finite_loss_and_every_trainable_parameter_a_gradient(na
 def test_save_load_round_trip_and_encoder_contract(name, tiny_data, tmp_path: Path):
     _, tokenizer = tiny_data
     method = tiny_method(name, tokenizer).eval()
-    tokenizer.save(tmp_path / "tok.gz")
-    config = {"model": method.export_config(), "tokenizer": TOKENIZER_FILE, "context_length": CONTEXT,
-              "image_size": list(IMAGE_SIZE)}
-    save_model_dir(tmp_path / "ckpt", config, method.state_dict(),
-                   extra_files={TOKENIZER_FILE: (tmp_path / "tok.gz").read_bytes()})
-    loaded = load_checkpoint(tmp_path / "ckpt").method
+    loaded = load_checkpoint(save_checkpoint(method, tokenizer, tmp_path / "ckpt")).method
     assert type(loaded) is type(method)
     images = torch.rand(3, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     ids = tokenizer(["a man in a red coat", "a woman", "blue jeans and a bag"], context_length=CONTEXT)
@@ -203,3 +206,32 @@ def test_two_stage_evaluation_equals_brute_force_metrics(tiny_data):
         assert got.results["t2i"][key] == pytest.approx(want[key], abs=1e-9), key
     single = score_split(method, "person", split, queries, gallery, depth=0).results["t2i"]
     assert single != got.results["t2i"]  # the second stage changed the numbers
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_search_through_an_index_equals_evaluation_two_stages(tiny_data, tmp_path: Path, mmap: bool):
+    """The Retriever's two stages (index top K', candidates' stored vectors and side arrays from the index)
+    give what the evaluation path gives over the gallery matrix: one function, one score."""
+    from xmr.index import create_index, open_index
+    from xmr.search.retriever import Retriever
+
+    _, tokenizer = tiny_data
+    method = tiny_method("toy_rerank", tokenizer).eval()
+    queries, gallery = _embedded(method, tokenizer)
+    index = create_index(method.embed_dim, "toy", extra={"images_root": str(tmp_path)})
+    index.add(gallery.vectors.numpy(), [f"{i}.png" for i in range(len(gallery))],
+              {k: v.numpy() for k, v in gallery.extras.items()})
+    index.save(tmp_path / "toy.index")
+    opened = open_index(tmp_path / "toy.index", mmap=mmap)
+    model = load_checkpoint(save_checkpoint(method, tokenizer, tmp_path / "ckpt"))
+    retriever = Retriever(model, opened, precision="fp32", check_model=False)
+    assert retriever.rerank_depth == method.rerank_depth
+    for depth in (0, 5, 12):
+        hits = retriever.search_vectors(queries, 6, rerank_depth=depth)
+        want = two_stage(queries, 6, matrix_stage1(gallery.vectors), reranker=method, depth=depth,
+                         fetch=matrix_fetch(gallery))
+        assert [[h.id for h in row] for row in hits] == want.ids.tolist()
+        # Side arrays come back from the index in fp16: scores agree to fp16 rounding of the patches.
+        np.testing.assert_allclose([[h.score for h in row] for row in hits], want.scores, atol=2e-3)
+        np.testing.assert_allclose([[h.first_stage_score for h in row] for row in hits], want.first_stage,
+                                   atol=1e-6)
