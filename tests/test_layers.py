@@ -81,3 +81,12 @@ def test_search_and_serving_load_checkpoints_without_training_code():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_config_and_registry_stay_light():
+    """Reading a recipe imports neither torch nor any method module until a method is asked for."""
+    code = ("import sys; import xmr.config, xmr.registry, xmr.precision; "
+            "bad = sorted(n for n in sys.modules if n == 'torch' or n.startswith('xmr.methods')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from xmr.errors import ConfigError
+from xmr.precision import PRECISIONS
 
 
 @dataclass
@@ -137,8 +138,8 @@ class ExperimentConfig:
             "data.check_images": (self.data.check_images, {"exists", "decode", "none"}),
             "optim.optimizer": (self.optim.optimizer, {"adam", "adamw"}),
             "optim.schedule": (self.optim.schedule, {"cosine", "constant"}),
-            "train.precision": (self.train.precision, {"fp32", "bf16", "fp16"}),
-            "eval.precision": (self.eval.precision, {"fp32", "bf16", "fp16"}),
+            "train.precision": (self.train.precision, set(PRECISIONS)),
+            "eval.precision": (self.eval.precision, set(PRECISIONS)),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from xmr.cli.search import _check_precision
 from xmr.cli.search import register as register_search_commands
 from xmr.errors import XmrError
 
@@ -81,8 +82,7 @@ def evaluate(
     from xmr.evaluation.evaluator import format_table
     from xmr.jobs.evaluate import evaluate_checkpoint
 
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise typer.BadParameter("use fp32, bf16 or fp16", param_hint="--precision")
+    _check_precision(precision)
     out = out or checkpoint / f"eval_{split}.json"
     result = evaluate_checkpoint(checkpoint, data, data_format=data_format, split=split, i2t=i2t, out=out,
                                  batch_size=batch_size, num_workers=workers, precision=precision, device=device,

@@ -20,8 +20,10 @@ ComposeOpt = Annotated[str | None, typer.Option(
 
 
 def _check_precision(precision: str) -> None:
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise typer.BadParameter("use fp32, bf16 or fp16", param_hint="--precision")
+    from xmr.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"use {', '.join(PRECISIONS)}", param_hint="--precision")
 
 
 def _parse_params(items: list[str] | None) -> dict:
