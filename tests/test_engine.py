@@ -66,6 +66,37 @@ def test_resume_replays_the_uninterrupted_run_exactly(tiny_pedes, tmp_path, monk
     assert resumed == pytest.approx(reference, rel=1e-6, abs=1e-7)
 
 
+def test_train_hooks_are_called_and_resumed_exactly(tiny_pedes, tmp_path, monkeypatch):
+    import toy_reranker
+
+    toy_reranker.register()
+    overrides = tiny_overrides(tiny_pedes, tmp_path / "full", **{"optim.epochs": 3, "method.name": "toy_hooks"})
+
+    def hook_state(run: Path) -> dict:
+        return torch.load(run / "last" / "trainer_state.pt", weights_only=True)["hooks"]
+
+    run_training(load_config(REPO / "configs/demo.yaml", overrides))
+    full = hook_state(tmp_path / "full")
+    assert full == {"epochs_seen": [0, 1, 2], "steps_seen": 9}  # 3 steps per epoch
+
+    killed = load_config(REPO / "configs/demo.yaml", overrides + [f"train.output_dir={tmp_path / 'killed'}"])
+    original = Trainer._train_epoch
+
+    def killed_in_epoch_three(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", killed_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(killed)
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    assert hook_state(tmp_path / "killed") == {"epochs_seen": [0, 1], "steps_seen": 6}
+    run_training(killed, resume="auto")
+    assert hook_state(tmp_path / "killed") == full
+    assert train_losses(tmp_path / "killed") == pytest.approx(train_losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
+
+
 def test_bf16_autocast_trains(tiny_pedes, tmp_path):
     cfg = load_config(REPO / "configs/demo.yaml",
                       tiny_overrides(tiny_pedes, tmp_path / "bf16", **{"train.precision": "bf16", "optim.epochs": 1}))

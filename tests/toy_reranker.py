@@ -1,4 +1,4 @@
-"""A test-only two-stage method: IRRA's towers, a second stage that fuses the global cosine with the best
+"""Test-only methods. ToyReranker: a two-stage method: IRRA's towers, a second stage that fuses the global cosine with the best
 match between the query and four stored patch tokens of each gallery image (like a region-word score)."""
 
 from __future__ import annotations
@@ -49,6 +49,37 @@ class IdentityReranker(ToyReranker):
         return candidates.scores.clone()
 
 
+@dataclass
+class ToyHooksConfig(IRRAConfig):
+    name: str = "toy_hooks"
+
+
+class ToyHooks(IRRA):
+    """IRRA with training hooks that count epochs and optimiser steps (state kept for exact resume)."""
+
+    name: ClassVar[str] = "toy_hooks"
+    Config: ClassVar[type[ToyHooksConfig]] = ToyHooksConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epochs_seen: list[int] = []
+        self.steps_seen = 0
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epochs_seen.append(epoch)
+
+    def after_step(self, step: int) -> None:
+        self.steps_seen += 1
+        assert step == self.steps_seen, "after_step gets the trainer's global step"
+
+    def hook_state_dict(self) -> dict:
+        return {"epochs_seen": list(self.epochs_seen), "steps_seen": self.steps_seen}
+
+    def load_hook_state_dict(self, state: dict) -> None:
+        self.epochs_seen, self.steps_seen = list(state["epochs_seen"]), int(state["steps_seen"])
+
+
 def register() -> None:
     if NAME not in METHODS:
         METHODS.register(NAME, "toy_reranker:ToyReranker")
+        METHODS.register("toy_hooks", "toy_reranker:ToyHooks")
