@@ -18,8 +18,9 @@ import torch
 from xmr.data.records import EvalSplit
 from xmr.errors import XmrError
 from xmr.evaluation.metrics import Positives
+from xmr.evaluation.ranks import positive_ranks_excluding
 from xmr.evaluation.shortlist import matrix_fetch, matrix_stage1, rerank_depth, rerank_positions, two_stage
-from xmr.evaluation.tasks import Task, build_task, positive_ranks_excluding
+from xmr.evaluation.tasks import Task, build_task
 from xmr.methods.base import Method, Reranker
 from xmr.outputs import Candidates, Embedded
 
