@@ -67,16 +67,16 @@ class SyntheticRetriever:
         v = np.random.default_rng(zlib.crc32(text.encode())).standard_normal(self.dim).astype(np.float32)
         return v / np.linalg.norm(v)
 
-    def search_text(self, text: str, k: int = 10) -> list[FakeHit]:
+    def search_text(self, text: str, k: int = 10, rerank_depth: int | None = None) -> list[FakeHit]:
         scores = self.vectors @ self._encode(text)
         top = np.argpartition(-scores, k)[:k]
         top = top[np.argsort(-scores[top])]
         return [FakeHit(int(i), f"gallery/{i:06d}.jpg", float(scores[i])) for i in top]
 
-    def search_image(self, image: Any, k: int = 10) -> list[FakeHit]:
+    def search_image(self, image: Any, k: int = 10, rerank_depth: int | None = None) -> list[FakeHit]:
         return self.search_text("image", k)
 
-    def search_composed(self, image: Any, text: str, k: int = 10) -> list[FakeHit]:
+    def search_composed(self, image: Any, text: str, k: int = 10, rerank_depth: int | None = None) -> list[FakeHit]:
         from xmr.search.retriever import UnsupportedQuery
 
         raise UnsupportedQuery("the synthetic retriever has no composed queries")

@@ -43,6 +43,21 @@ def test_evaluate_prints_table_and_writes_traceable_report(trained, tiny_pedes, 
     assert "tie" in protocol["tie_rule"] and protocol["config"]["model"]["method"] == "irra"
 
 
+def test_evaluate_under_the_image_text_task_records_its_protocol(trained, tiny_pedes, tmp_path):
+    """Captions against their own image (not the identity): R@K both ways and RSUM, protocol recorded."""
+    out = tmp_path / "it.json"
+    proc = xmr("evaluate", "--checkpoint", str(trained / "best"), "--data", str(tiny_pedes), "--task", "image_text",
+               "--out", str(out), "--workers", "0", "--precision", "fp32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rsum" in proc.stdout and "medr" in proc.stdout
+    report = json.loads(out.read_text())
+    t2i, i2t = report["results"]["t2i"], report["results"]["i2t"]
+    assert t2i["rsum"] == pytest.approx(sum(d[f"R{k}"] for d in (t2i, i2t) for k in (1, 5, 10)))
+    assert report["protocol"]["task"]["task"] == "image_text" and report["protocol"]["rerank_depth"] == 0
+    bad = xmr("evaluate", "--checkpoint", str(trained / "best"), "--data", str(tiny_pedes), "--task", "composed")
+    assert bad.returncode == 2 and "no 'composed' queries" in bad.stderr
+
+
 def test_help_explains_commands():
     proc = xmr("--help")
     assert proc.returncode == 0

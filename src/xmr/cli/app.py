@@ -80,6 +80,7 @@ def evaluate(
     """Evaluate a checkpoint under a task kind (person: Rank-1/5/10, mAP, mINP for t2i; --i2t adds image-to-text),
     printed and saved as JSON with its protocol. Scores go through the same two stages as `xmr search`."""
     from xmr.evaluation.evaluator import format_table
+    from xmr.evaluation.tasks import build_task
     from xmr.jobs.evaluate import evaluate_checkpoint
 
     _check_precision(precision)
@@ -87,7 +88,9 @@ def evaluate(
     result = evaluate_checkpoint(checkpoint, data, data_format=data_format, split=split, i2t=i2t, out=out,
                                  batch_size=batch_size, num_workers=workers, precision=precision, device=device,
                                  task=task, rerank_depth=rerank_depth)
-    typer.echo(format_table({f"{d} ({split})": m for d, m in result.results.items()}, title=str(checkpoint)))
+    columns = build_task(task, **({"i2t": i2t} if task == "person" else {})).columns
+    typer.echo(format_table({f"{d} ({split})": m for d, m in result.results.items()}, title=str(checkpoint),
+                            columns=columns))
     typer.echo(f"report: {result.report_path}")
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from xmr.atomic import atomic_write_text
 from xmr.data.datasets import ImageDataset, QueryDataset, build_loader
 from xmr.data.records import EvalSplit, RetrievalSplit
+from xmr.errors import DataError
 from xmr.methods.base import Method
 from xmr.methods.inference import InferenceEncoder, prepare_encoder
 from xmr.outputs import Embedded, QueryBatch
@@ -103,6 +104,20 @@ def person_split(split: RetrievalSplit) -> EvalSplit:
                      gallery_labels=list(split.image_pids))
 
 
+def caption_split(split: RetrievalSplit, task: str = "person") -> EvalSplit:
+    """A captioned split as an EvalSplit for `task`: `person` matches by identity, `image_text` by the
+    captioned image itself (each caption's one image; each image's captions)."""
+    if task == "person":
+        return person_split(split)
+    if task == "image_text":
+        if len(split.caption_image_ids) != len(split.captions):
+            raise DataError("image_text evaluation needs each caption's image (RetrievalSplit.caption_image_ids)")
+        return EvalSplit(gallery_paths=list(split.image_paths), positives=[[i] for i in split.caption_image_ids],
+                         query_texts=list(split.captions))
+    raise DataError(f"a captioned data set has no {task!r} queries; use a format that provides them "
+                    "(e.g. reference image + modifier triplets for 'composed')")
+
+
 def evaluate_split(method: Method, split: RetrievalSplit | EvalSplit, tokenize: Callable[[list[str]], torch.Tensor],
                    *, task: str | Task = "person", i2t: bool = False, query_chunk: int = 1024,
                    rerank_depth: int | None = None, **embed_kwargs: Any) -> dict[str, dict[str, float]]:
@@ -115,7 +130,8 @@ def evaluate_split(method: Method, split: RetrievalSplit | EvalSplit, tokenize: 
 
     was_training = method.training
     method.eval()
-    eval_split = person_split(split) if isinstance(split, RetrievalSplit) else split
+    eval_split = caption_split(split, task if isinstance(task, str) else task.name) \
+        if isinstance(split, RetrievalSplit) else split
     start = time.perf_counter()
     queries, gallery = embed_queries_and_gallery(method, eval_split, tokenize, **embed_kwargs)
     embed_s = time.perf_counter() - start
@@ -140,14 +156,16 @@ def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
 METRIC_COLUMNS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
-def format_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
-    """A fixed-width table of retrieval metrics: one row per (label -> metrics)."""
+def format_table(rows: dict[str, dict[str, float]], title: str = "",
+                 columns: Sequence[str] = METRIC_COLUMNS) -> str:
+    """A fixed-width table of retrieval metrics: one row per (label -> metrics); missing cells print nan."""
     label_width = max([len(label) for label in rows] + [9])
-    header = f"{'':<{label_width}}  " + "  ".join(f"{c:>6}" for c in METRIC_COLUMNS)
+    width = max([6, *(len(c) for c in columns)])
+    header = f"{'':<{label_width}}  " + "  ".join(f"{c:>{width}}" for c in columns)
     lines = [title] if title else []
     lines += [header, "-" * len(header)]
     for label, metrics in rows.items():
-        cells = "  ".join(f"{metrics.get(c, float('nan')):6.2f}" for c in METRIC_COLUMNS)
+        cells = "  ".join(f"{metrics.get(c, float('nan')):{width}.2f}" for c in columns)
         lines.append(f"{label:<{label_width}}  {cells}")
     return "\n".join(lines)
 

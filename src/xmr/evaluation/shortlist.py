@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from xmr.evaluation.metrics import topk_bounded
-from xmr.methods.base import Reranker
+from xmr.methods.base import Method, Reranker
 from xmr.outputs import Candidates, Embedded
 
 # stage 1: (normalised query vectors (Q, D) float32, k) -> (scores (Q, k), ids (Q, k)), ids -1 past the end
@@ -45,7 +45,7 @@ class Ranked:
     depth: int
 
 
-def rerank_depth(method: object, depth: int | None) -> int:
+def rerank_depth(method: Method, depth: int | None) -> int:
     """K' in use: `depth` when given, else the method's own `rerank_depth`; 0 for single-stage methods."""
     if not isinstance(method, Reranker):
         return 0

@@ -10,7 +10,7 @@ import torch
 from xmr.data.formats import detect_format, load_dataset
 from xmr.data.records import RetrievalSplit
 from xmr.errors import DataError
-from xmr.evaluation.evaluator import embed_queries_and_gallery, person_split, protocol_record, write_report
+from xmr.evaluation.evaluator import caption_split, embed_queries_and_gallery, protocol_record, write_report
 from xmr.evaluation.metrics import topk_bounded
 from xmr.evaluation.scoring import score_split
 from xmr.methods.loading import LoadedModel, load_checkpoint
@@ -46,7 +46,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, data_f
     chosen = {"test": splits.test, "val": splits.val}.get(split)
     if chosen is None:
         raise DataError(f"{data_root}: split {split!r} is not available for format {data_format}")
-    eval_split = person_split(chosen)
+    eval_split = caption_split(chosen, task)
     queries, gallery = embed_queries_and_gallery(model.method, eval_split, model.tokenize, batch_size=batch_size,
                                                  num_workers=num_workers, device=torch.device(device),
                                                  precision=precision, progress=progress)

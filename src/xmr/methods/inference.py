@@ -107,7 +107,7 @@ class _Tower(nn.Module):
         return out.vectors, out.extras
 
 
-def _method_device(method: Any) -> torch.device:
+def _method_device(method: Method) -> torch.device:
     try:
         return next(method.parameters()).device
     except (AttributeError, StopIteration):

@@ -344,7 +344,7 @@ class EmbedResult:
     seconds: float = 0.0
 
 
-def gallery_transform(model: Any) -> Callable[[Any], torch.Tensor]:
+def gallery_transform(model: LoadedModel) -> Callable[[Any], torch.Tensor]:
     """The gallery-side image transform of a loaded model (PIL image -> (3, H, W) tensor)."""
     return model.gallery_transform
 
@@ -392,7 +392,7 @@ class _Pending:
 
 def embed_images(source: str | Path, checkpoint: str | Path, out: str | Path, *, batch_size: int = 64,
                  num_workers: int = 2, precision: str = "bf16", device: str = "cpu", shard: tuple[int, int] = (0, 1),
-                 chunk_size: int = 1024, progress: bool = True, model: Any = None,
+                 chunk_size: int = 1024, progress: bool = True, model: LoadedModel | None = None,
                  on_progress: Callable[[int], None] | None = None, compile: bool = False,
                  encoder: Any = None) -> EmbedResult:
     """Embed every image under `source` (folder or list file) with `checkpoint` into `out` (resumable).
@@ -467,7 +467,7 @@ def embedding_dim(model: LoadedModel) -> int:
 
 
 def _open_or_create(out: Path, model_id: str, root: Path, shard: tuple[int, int], checkpoint: str | Path,
-                    model: Any) -> EmbeddingStore:
+                    model: LoadedModel) -> EmbeddingStore:
     if (out / MANIFEST).is_file():
         store = EmbeddingStore.open(out)
         if store.model_id != model_id:
