@@ -22,6 +22,8 @@ __all__ = [
     "itc_loss",
     "kl_distillation_loss",
     "mlm_loss",
+    "proxy_anchor_loss",
+    "proxy_softmax_loss",
     "same_label_matrix",
     "sdm_loss",
 ]
@@ -207,3 +209,40 @@ def kl_distillation_loss(
     log_p_t = F.log_softmax(teacher_logits.float().reshape(-1, num_classes) / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1).mean()
     return kl * temperature**2
+
+
+def proxy_softmax_loss(feats: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """Each feature classified over all proxies by cosine (normalised softmax, ProxyNCA++ form)::
+
+        loss = -1/N sum_j log softmax_k( cos(r_k, e_j) / tau )[y_j]
+
+    ``feats`` (N, D), ``proxies`` (M, D), ``labels`` (N,) in 0..M-1. The positive proxy is in the
+    denominator. No stop-gradient here: MMRef's global fusion passes ``feats.detach()`` (only the
+    references learn) and its RGRL passes ``proxies.detach()`` (only the encoders learn).
+    """
+    if temperature <= 0:
+        raise ValueError(f"proxy_softmax_loss: temperature must be > 0, got {temperature}")
+    logits = _unit(feats) @ _unit(proxies).t() / temperature
+    return F.cross_entropy(logits, labels.reshape(-1).long())
+
+
+def proxy_anchor_loss(feats: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor,
+                      alpha: float = 32.0, delta: float = 0.1) -> torch.Tensor:
+    """Proxy-Anchor loss (Kim et al., CVPR 2020) on cosines s(x, p)::
+
+        loss = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x, p) - delta)))
+             + 1/|P|  sum_{p in P}  log(1 + sum_{x in X_p-} exp( alpha (s(x, p) + delta)))
+
+    P: all M proxies; P+: those with at least one positive in the batch; X_p+ / X_p-: the batch's
+    features of / not of class p. ``feats`` (N, D), ``proxies`` (M, D), ``labels`` (N,).
+    """
+    cos = _unit(feats) @ _unit(proxies).t()  # (N, M)
+    positive = F.one_hot(labels.reshape(-1).long(), proxies.shape[0]).bool()
+    zero = torch.zeros((), device=cos.device)
+    pos_terms = torch.where(positive, torch.exp(-alpha * (cos - delta)), zero).sum(dim=0)
+    neg_terms = torch.where(positive, zero, torch.exp(alpha * (cos + delta))).sum(dim=0)
+    with_pos = positive.any(dim=0)
+    pos_loss = torch.log1p(pos_terms[with_pos]).sum() / with_pos.sum().clamp(min=1)
+    neg_loss = torch.log1p(neg_terms).sum() / proxies.shape[0]
+    return pos_loss + neg_loss

@@ -1,11 +1,12 @@
-"""Cross-modal interaction encoder (IRRA, Sec. 3.2): text tokens attend to image tokens, then self-attend."""
+"""Cross-attention blocks: IRRA's cross-modal interaction encoder (text tokens attend to image tokens, then
+self-attend) and MMRef's local reconstruction (masked caption tokens attend to the object's reference)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from xmr.models.clip import Attention, Transformer
+from xmr.models.clip import Attention, LayerNorm, Transformer, make_activation
 
 
 class CrossModalInteraction(nn.Module):
@@ -44,4 +45,45 @@ class CrossModalInteraction(nn.Module):
         image = self.ln_pre_i(image_tokens)
         x = self.cross_attn(self.ln_pre_t(text_tokens), image, image)
         x = self.cross_modal_transformer(x)
+        return self.ln_post(x)
+
+
+class ReferenceReconstructionLayer(nn.Module):
+    """One layer of MMRef's local reconstruction (our reading of H = FFN2(MCA(FFN1(MSA(Q)), K, V))).
+
+    Pre-LN residual sub-layers: x += MSA(LN x); x += FFN1(LN x); x += MCA(LN x, LN mem); x += FFN2(LN x).
+    `mem` (B, T, D) are the reference tokens the masked caption reads its missing details from.
+    """
+
+    def __init__(self, width: int, heads: int, act: str = "quick_gelu") -> None:
+        super().__init__()
+        def ffn() -> nn.Sequential:
+            return nn.Sequential(nn.Linear(width, 4 * width), make_activation(act), nn.Linear(4 * width, width))
+
+        self.ln_self, self.self_attn = LayerNorm(width), Attention(width, heads)
+        self.ln_ffn1, self.ffn1 = LayerNorm(width), ffn()
+        self.ln_cross, self.ln_mem, self.cross_attn = LayerNorm(width), LayerNorm(width), Attention(width, heads)
+        self.ln_ffn2, self.ffn2 = LayerNorm(width), ffn()
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.ln_self(x), key_padding_mask=padding)
+        x = x + self.ffn1(self.ln_ffn1(x))
+        m = self.ln_mem(mem)
+        x = x + self.cross_attn(self.ln_cross(x), m, m)
+        return x + self.ffn2(self.ln_ffn2(x))
+
+
+class ReferenceReconstruction(nn.Module):
+    """`depth` ReferenceReconstructionLayers and a final LayerNorm: (B, L, D) tokens, (B, T, D) memory -> (B, L, D)."""
+
+    def __init__(self, width: int, depth: int = 1, heads: int | None = None, act: str = "quick_gelu") -> None:
+        super().__init__()
+        heads = heads or max(1, width // 64)
+        self.layers = nn.ModuleList(ReferenceReconstructionLayer(width, heads, act) for _ in range(depth))
+        self.ln_post = LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor, mem: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        x = tokens
+        for layer in self.layers:
+            x = layer(x, mem, padding)
         return self.ln_post(x)
