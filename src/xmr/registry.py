@@ -58,6 +58,7 @@ INDEX_BACKENDS = Registry("index backend")
 TASKS = Registry("task kind")
 
 METHODS.register("irra", "xmr.methods.irra:IRRA")
+METHODS.register("mmref", "xmr.methods.mmref:MMRef")
 
 FORMATS.register("cuhk_pedes", "xmr.data.formats.cuhk_pedes:read")
 FORMATS.register("icfg_pedes", "xmr.data.formats.icfg_pedes:read")

@@ -63,6 +63,7 @@ def two_stage(query: Embedded, k: int, stage1: Stage1, *, reranker: Reranker | N
         raise ValueError("a second stage needs `fetch` (the candidates' stored vectors and side arrays)")
     width = max(k, depth)
     scores, ids = stage1(vectors, width)
+    depth = min(depth, ids.shape[1])  # K' >= gallery size: every item is re-scored
     cand_vectors, extras = fetch(ids, tuple(reranker.gallery_extras()))
     candidates = Candidates(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(scores.astype(np.float32)),
                             torch.from_numpy(cand_vectors), {n: torch.from_numpy(np.asarray(v)) for n, v in extras.items()})

@@ -147,6 +147,26 @@ class Reranker(Protocol):
 
 
 @runtime_checkable
+class ExplainedReranker(Reranker, Protocol):
+    """A Reranker that also reports the parts of its score (e.g. MMRef's `initial_score` and
+    `reference_score`, AsCL's `score_global` and `score_local`); search results carry them."""
+
+    def rerank_explained(self, query: Embedded, candidates: Candidates) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(Q, K') final scores (as `rerank`) and name -> (Q, K') parts."""
+        ...
+
+
+@runtime_checkable
+class FullScopeReranker(Reranker, Protocol):
+    """A Reranker whose score over the whole gallery is an inner product of transformed vectors, so the
+    exact second-stage ranking of every item can be computed (measures what the top-K' shortlist loses)."""
+
+    def full_scope_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, D) normalised vectors (queries or gallery) -> (N, D') whose inner products are final scores."""
+        ...
+
+
+@runtime_checkable
 class TrainHooks(Protocol):
     """Callbacks the trainer calls around optimisation; their state goes into the resume checkpoint."""
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xmr.outputs import Candidates, Embedded
+
 PROFILES = ("centered", "raw")
 
 
@@ -51,3 +53,43 @@ def refined_vectors(features: torch.Tensor, projection: torch.Tensor, lam: float
     unit = F.normalize(features.float(), dim=-1)
     codes = reference_codes(features, projection)
     return torch.cat([(1.0 - lam) ** 0.5 * unit, lam**0.5 * codes], dim=-1)
+
+
+class ReferenceRefiner:
+    """MMRef's query-time refinement as a second scoring stage (it satisfies `methods.base.Reranker`).
+
+    For the top `rerank_depth` (k) candidates of a query: S = (1 - lam) S_init + lam S_ref, S_init the
+    first-stage cosine, S_ref the reference similarity above. The candidates' stored vectors are read;
+    no side array is needed, so any existing index of the same encoders can be refined.
+    The projection W is computed once from the references (float64 eigendecomposition).
+    """
+
+    def __init__(self, references: torch.Tensor, *, k: int = 100, lam: float = 0.3,
+                 profile: str = "centered") -> None:
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"refinement lambda={lam} must be in [0, 1]")
+        if k < 0:
+            raise ValueError(f"refinement k={k} must be >= 0")
+        self.rerank_depth, self.lam, self.profile = int(k), float(lam), profile
+        self.projection = reference_projection(references, profile)
+
+    def gallery_extras(self) -> tuple[str, ...]:
+        return ()
+
+    def rerank_explained(self, query: Embedded, candidates: Candidates) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(Q, K') refined scores and their parts: `initial_score` (S_init), `reference_score` (S_ref)."""
+        if candidates.vectors is None:
+            raise ValueError("reference refinement needs the candidates' stored vectors")
+        z_query = reference_codes(query.vectors, self.projection)  # (Q, d)
+        z_items = reference_codes(candidates.vectors, self.projection)  # (Q, K', d)
+        reference = torch.einsum("qd,qkd->qk", z_query, z_items)
+        initial = candidates.scores.float()
+        return refined_scores(initial, reference, self.lam), {"initial_score": initial,
+                                                              "reference_score": reference}
+
+    def rerank(self, query: Embedded, candidates: Candidates) -> torch.Tensor:
+        return self.rerank_explained(query, candidates)[0]
+
+    def full_scope_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """u(x) for every item: exact refinement of the whole gallery is an inner-product search on these."""
+        return refined_vectors(vectors, self.projection, self.lam)
