@@ -75,10 +75,14 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     task: Annotated[str, typer.Option(help="Task kind: person (identity matching: R1/5/10, mAP, mINP), image_text "
                                       "(R@K both ways, RSUM) or composed (R@K, Recall_subset, mAP@K).")] = "person",
-    rerank_depth: Annotated[int | None, typer.Option("--rerank-depth", min=0, help="K' re-scored by a reranking method (default: its own; recorded in the report).")] = None,
+    rerank_depth: Annotated[int | None, typer.Option("--rerank-depth", "--refine-k", min=0, help="K' re-scored by a reranking method (MMRef: the refined top-k; default: its own; recorded in the report).")] = None,
+    refine_lambda: Annotated[float | None, typer.Option("--refine-lambda", min=0.0, max=1.0, help="MMRef: weight of the reference similarity (default: the checkpoint's).")] = None,
+    refine_scope: Annotated[str, typer.Option("--refine-scope", help="shortlist: re-score the top K' (what search does); full: also the exact second-stage ranking of the whole gallery, to see what the shortlist loses.")] = "shortlist",
+    refine_grid: Annotated[str | None, typer.Option("--refine-grid", help="Tune the second stage on the val split first, e.g. \"k=10,50,100;lam=0.1,0.3,0.5\"; the grid and the choice go into the report.")] = None,
 ) -> None:
     """Evaluate a checkpoint under a task kind (person: Rank-1/5/10, mAP, mINP for t2i; --i2t adds image-to-text),
-    printed and saved as JSON with its protocol. Scores go through the same two stages as `xmr search`."""
+    printed and saved as JSON with its protocol. Scores go through the same two stages as `xmr search`;
+    reranking methods (MMRef) print an `initial` row (stage 1 only) beside the refined one."""
     from xmr.evaluation.evaluator import format_table
     from xmr.evaluation.tasks import build_task
     from xmr.jobs.evaluate import evaluate_checkpoint
@@ -87,11 +91,21 @@ def evaluate(
     out = out or checkpoint / f"eval_{split}.json"
     result = evaluate_checkpoint(checkpoint, data, data_format=data_format, split=split, i2t=i2t, out=out,
                                  batch_size=batch_size, num_workers=workers, precision=precision, device=device,
-                                 task=task, rerank_depth=rerank_depth)
+                                 task=task, rerank_depth=rerank_depth, refine_lambda=refine_lambda,
+                                 refine_scope=refine_scope, refine_grid=refine_grid)
     columns = build_task(task, **({"i2t": i2t} if task == "person" else {})).columns
-    typer.echo(format_table({f"{d} ({split})": m for d, m in result.results.items()}, title=str(checkpoint),
-                            columns=columns))
+    refined = {d for d in result.results if f"{d}_initial" in result.results}
+    typer.echo(format_table({f"{row_label(d)}{' refined' if d in refined else ''} ({split})": m
+                             for d, m in result.results.items()},
+                            title=str(checkpoint), columns=columns))
     typer.echo(f"report: {result.report_path}")
+
+
+def row_label(key: str) -> str:
+    """Result keys as table rows: t2i_initial -> 't2i initial', t2i_full -> 't2i full re-score'."""
+    direction, _, variant = key.partition("_")
+    return {"": direction, "initial": f"{direction} initial", "full": f"{direction} full re-score"}.get(
+        variant, key)
 
 
 @app.command()

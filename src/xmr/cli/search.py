@@ -158,11 +158,21 @@ def search(
     precision: Precision = "bf16",
     mmap: MmapOpt = False,
     rerank_depth: RerankDepthOpt = None,
+    refine: Annotated[bool | None, typer.Option(
+        "--refine/--no-refine", help="Second stage on/off (MMRef's reference-based refinement); default: on "
+                                     "for methods that have one.")] = None,
+    refine_k: Annotated[int | None, typer.Option(
+        "--refine-k", min=0, max=100_000, help="How many index results are refined (= --rerank-depth).")] = None,
+    refine_lambda: Annotated[float | None, typer.Option(
+        "--refine-lambda", min=0.0, max=1.0,
+        help="MMRef: weight of the reference similarity, S = (1-lambda) S_init + lambda S_ref "
+             "(default: the checkpoint's).")] = None,
 ) -> None:
     """Search an index by a sentence, by an example image, or by an image plus a sentence that changes it.
 
     Results come from the same two stages as `xmr evaluate`: the index's top K', then the method's own
-    re-scoring when it has one (--rerank-depth sets K'; the printed `stage1` column is the index's cosine)."""
+    re-scoring when it has one (--rerank-depth / --refine-k set K'; the printed `stage1` column is the
+    index's cosine; MMRef adds S_init and S_ref columns)."""
     from xmr.data.images import load_image
     from xmr.search.retriever import load
 
@@ -171,21 +181,30 @@ def search(
         raise typer.BadParameter("must be >= 1", param_hint="-k")
     if text is None and image is None:
         raise typer.BadParameter("give a query TEXT, --image, or both")
-    retriever = load(index, checkpoint, precision=precision, compose=compose, mmap=mmap, rerank_depth=rerank_depth)
+    if refine_k is not None and rerank_depth is not None and refine_k != rerank_depth:
+        raise typer.BadParameter("--refine-k and --rerank-depth are the same K': give one", param_hint="--refine-k")
+    retriever = load(index, checkpoint, precision=precision, compose=compose, mmap=mmap,
+                     rerank_depth=refine_k if refine_k is not None else rerank_depth)
+    if refine_lambda is not None:
+        retriever.set_refinement(lam=refine_lambda)
     if image is not None:
         query_image = load_image(image)
-        hits = (retriever.search_composed(query_image, text, k) if text
-                else retriever.search_image(query_image, k))
+        hits = (retriever.search_composed(query_image, text, k, refine=refine) if text
+                else retriever.search_image(query_image, k, refine=refine))
     else:
-        hits = retriever.search_text(text, k)
+        hits = retriever.search_text(text, k, refine=refine)
     query = " + ".join(str(q) for q in (image, text) if q)
     if as_json:
         typer.echo(json.dumps({"query": query, "results": [h.__dict__ for h in hits]}, indent=2))
     else:
         typer.echo(f"query: {query}")
-        typer.echo(f"{'rank':>4}  {'score':>7}  {'stage1':>7}  {'id':>7}  path")
+        names = sorted({name for hit in hits for name in hit.parts})
+        short = {"initial_score": "S_init", "reference_score": "S_ref"}
+        heads = "".join(f"  {short.get(n, n):>8}" for n in names)
+        typer.echo(f"{'rank':>4}  {'score':>7}  {'stage1':>7}{heads}  {'id':>7}  path")
         for rank, hit in enumerate(hits, 1):
-            typer.echo(f"{rank:>4}  {hit.score:>7.4f}  {hit.first_stage_score:>7.4f}  {hit.id:>7}  {hit.path}")
+            cells = "".join(f"  {hit.parts[n]:>8.4f}" if n in hit.parts else f"  {'-':>8}" for n in names)
+            typer.echo(f"{rank:>4}  {hit.score:>7.4f}  {hit.first_stage_score:>7.4f}{cells}  {hit.id:>7}  {hit.path}")
     if grid is not None:
         from xmr.viz import result_grid
 

@@ -16,13 +16,13 @@ the method's score with the tie rule of `evaluation/metrics.py`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from xmr.evaluation.metrics import topk_bounded
-from xmr.methods.base import Method, Reranker
+from xmr.methods.base import ExplainedReranker, Method, Reranker
 from xmr.outputs import Candidates, Embedded
 
 # stage 1: (normalised query vectors (Q, D) float32, k) -> (scores (Q, k), ids (Q, k)), ids -1 past the end
@@ -37,12 +37,15 @@ class Ranked:
 
     first_stage: the stage-1 scores of the same items (equal to `scores` for single-stage methods).
     depth: K', the number of stage-1 candidates re-scored (0 when there was no second stage).
+    parts: name -> (Q, k) parts of the final score reported by an `ExplainedReranker` (NaN for items
+    beyond K', which were not re-scored).
     """
 
     scores: np.ndarray
     ids: np.ndarray
     first_stage: np.ndarray
     depth: int
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def rerank_depth(method: Method, depth: int | None) -> int:
@@ -67,8 +70,13 @@ def two_stage(query: Embedded, k: int, stage1: Stage1, *, reranker: Reranker | N
     cand_vectors, extras = fetch(ids, tuple(reranker.gallery_extras()))
     candidates = Candidates(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(scores.astype(np.float32)),
                             torch.from_numpy(cand_vectors), {n: torch.from_numpy(np.asarray(v)) for n, v in extras.items()})
+    parts: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        new = reranker.rerank(query, candidates).float()
+        if isinstance(reranker, ExplainedReranker):
+            new, parts = reranker.rerank_explained(query, candidates)
+        else:
+            new = reranker.rerank(query, candidates)
+        new = new.float()
     if new.shape != candidates.ids.shape:
         raise ValueError(f"rerank returned shape {tuple(new.shape)} for {tuple(candidates.ids.shape)} candidates")
     # Only the first `depth` candidates are re-scored; the rest (when k > depth) follow in stage-1 order.
@@ -82,7 +90,9 @@ def two_stage(query: Embedded, k: int, stage1: Stage1, *, reranker: Reranker | N
     final = torch.where(tail, torch.gather(candidates.scores, 1, top), final)  # unre-scored: keep stage 1
     out_ids = torch.gather(candidates.ids, 1, top)
     final = torch.where(out_ids >= 0, final, torch.tensor(float("-inf")))
-    return Ranked(final.numpy(), out_ids.numpy(), torch.gather(candidates.scores, 1, top).numpy(), depth)
+    explained = {name: torch.where(tail | (out_ids < 0), torch.tensor(float("nan")),
+                                   torch.gather(part.float(), 1, top)).numpy() for name, part in parts.items()}
+    return Ranked(final.numpy(), out_ids.numpy(), torch.gather(candidates.scores, 1, top).numpy(), depth, explained)
 
 
 def _stable_order(rescored: torch.Tensor, depth: int) -> torch.Tensor:

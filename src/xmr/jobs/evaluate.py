@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,7 +13,6 @@ from xmr.data.records import RetrievalSplit
 from xmr.errors import DataError
 from xmr.evaluation.evaluator import caption_split, embed_queries_and_gallery, protocol_record, write_report
 from xmr.evaluation.metrics import topk_bounded
-from xmr.evaluation.scoring import score_split
 from xmr.methods.loading import LoadedModel, load_checkpoint
 
 
@@ -32,11 +32,19 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, data_f
                         batch_size: int = 128, num_workers: int = 2, precision: str = "bf16",
                         device: str = "cpu", query_chunk: int = 1024, progress: bool = True,
                         model: LoadedModel | None = None, task: str = "person",
-                        rerank_depth: int | None = None) -> EvaluationResult:
+                        rerank_depth: int | None = None, refine_lambda: float | None = None,
+                        refine_scope: str = "shortlist", refine_grid: str | None = None) -> EvaluationResult:
     """Score a checkpoint on a data set split under a task kind; write the JSON report with its protocol.
 
-    Reranking methods are scored through the same two stages as search, `rerank_depth` (K') recorded.
+    Reranking methods are scored through the same two stages as search, `rerank_depth` (K') recorded, with
+    a stage-1 row (`<dir>_initial`) beside it; `refine_scope="full"` adds the exact second-stage ranking of
+    the whole gallery (`<dir>_full`). `refine_grid` ("k=10,50,100;lam=0.1,0.3,0.5") picks the refinement
+    settings on the val split first (never on test) and records the grid in the report.
     """
+    from xmr.evaluation.tasks import build_task
+    from xmr.evaluation.tuning import parse_grid, score_variants, tune_refinement
+    from xmr.methods.base import Refinable
+
     model = model or load_checkpoint(checkpoint, device=device)
     data_format = data_format or detect_format(data_root)
     experiment = model.experiment()
@@ -46,12 +54,33 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, data_f
     chosen = {"test": splits.test, "val": splits.val}.get(split)
     if chosen is None:
         raise DataError(f"{data_root}: split {split!r} is not available for format {data_format}")
+    task_kind = build_task(task, **({"i2t": i2t} if task == "person" else {}))
+    method = model.method
+    embed = partial(embed_queries_and_gallery, method, tokenize=model.tokenize, batch_size=batch_size,
+                    num_workers=num_workers, device=torch.device(device), precision=precision, progress=progress)
+    if refine_lambda is not None or rerank_depth is not None:
+        if isinstance(method, Refinable):
+            method.set_refinement(k=rerank_depth, lam=refine_lambda)
+        elif refine_lambda is not None:
+            raise DataError(f"--refine-lambda: method {method.name} has no refinement weight")
+    grid = None
+    if refine_grid:
+        if splits.val is None:
+            raise DataError(f"{data_root}: --refine-grid tunes on the val split, which format {data_format} "
+                            "does not provide here")
+        val_split = caption_split(splits.val, task)
+        val_queries, val_gallery = embed(val_split)
+        grid = tune_refinement(method, task_kind, val_split, val_queries, val_gallery, parse_grid(refine_grid),
+                               query_chunk=query_chunk)
+        rerank_depth = None  # the grid's choice is now the method's own
     eval_split = caption_split(chosen, task)
-    queries, gallery = embed_queries_and_gallery(model.method, eval_split, model.tokenize, batch_size=batch_size,
-                                                 num_workers=num_workers, device=torch.device(device),
-                                                 precision=precision, progress=progress)
-    scored = score_split(model.method, task, eval_split, queries, gallery, i2t=i2t, query_chunk=query_chunk,
-                         depth=rerank_depth)
+    queries, gallery = embed(eval_split)
+    scored = score_variants(method, task_kind, eval_split, queries, gallery, depth=rerank_depth, scope=refine_scope,
+                            query_chunk=query_chunk)
+    if grid is not None:
+        scored.protocol["refine_grid"] = grid.to_dict()
+    if isinstance(method, Refinable):
+        scored.protocol["refinement"] = method.refinement_settings()
     report = None
     if out is not None:
         protocol = protocol_record(dataset=data_format, root=str(data_root), split=split, checkpoint=str(checkpoint),

@@ -157,6 +157,18 @@ class ExplainedReranker(Reranker, Protocol):
 
 
 @runtime_checkable
+class Refinable(Reranker, Protocol):
+    """A Reranker whose second stage has settings a user tunes at query time (MMRef's k and lambda)."""
+
+    def set_refinement(self, *, k: int | None = None, lam: float | None = None, profile: str | None = None) -> None:
+        ...
+
+    def refinement_settings(self) -> dict[str, Any]:
+        """The current settings as a report records them (e.g. k, lam, profile, number of references)."""
+        ...
+
+
+@runtime_checkable
 class FullScopeReranker(Reranker, Protocol):
     """A Reranker whose score over the whole gallery is an inner product of transformed vectors, so the
     exact second-stage ranking of every item can be computed (measures what the top-K' shortlist loses)."""

@@ -202,6 +202,11 @@ class MMRef(nn.Module):
                               f"profile one of {', '.join(PROFILES)}")
         self.cfg.refine = refine
 
+    def refinement_settings(self) -> dict[str, Any]:
+        return {"k": self.rerank_depth, "lam": self.cfg.refine.lam, "profile": self.cfg.refine.profile,
+                "num_references": self.num_classes, "ref_lr_factor": self.cfg.ref_lr_factor,
+                "statistics": "training references only (no test-set statistics)"}
+
     def refiner(self) -> ReferenceRefiner:
         """The refiner of the current references (its d x d projection recomputed only when R changes)."""
         refs = self.references
@@ -284,7 +289,7 @@ class MMRef(nn.Module):
             memory = self.references[pids].unsqueeze(1).to(tokens.dtype)  # (B, 1, d): the object's reference
             out = self.lr_block(tokens, memory, padding=masked_ids == 0)
             lr, acc = losses.mlm_loss(self.mlm_head(out).float(), batch["mlm_labels"])
-            parts["lr"] = cfg.weight("lr") * lr
+            parts["recon"] = cfg.weight("lr") * lr  # logged as "recon": "lr" is the learning rate's column
             metrics["lr_acc"] = float(acc)
         with torch.no_grad():  # how well the references classify the batch (both modalities)
             logits = F.normalize(feats.detach(), dim=-1) @ F.normalize(refs.detach(), dim=-1).t()

@@ -10,7 +10,7 @@ with another checkpoint, since the vectors would not be comparable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from PIL import Image
 from xmr.errors import UnsupportedQuery, XmrError
 from xmr.evaluation.shortlist import Ranked, two_stage
 from xmr.evaluation.shortlist import rerank_depth as resolve_depth
-from xmr.methods.base import Reranker, supports_query
+from xmr.methods.base import Refinable, Reranker, supports_query
 from xmr.methods.inference import prepare_encoder
 from xmr.methods.loading import LoadedModel
 from xmr.outputs import Embedded, QueryBatch
@@ -36,12 +36,15 @@ class ModelMismatch(XmrError):
 
 @dataclass
 class Hit:
-    """One result: `score` is the final score; `first_stage_score` the index's cosine (equal for one stage)."""
+    """One result: `score` is the final score; `first_stage_score` the index's cosine (equal for one stage);
+    `parts` the parts of a second-stage score when the method reports them (MMRef: initial_score,
+    reference_score), absent for items that were not re-scored."""
 
     id: int
     path: str
     score: float
     first_stage_score: float | None = None
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 class Retriever:
@@ -99,6 +102,17 @@ class Retriever:
                 "supports_composed": self.supports_composed, "method": self.model.method.name,
                 "compose": "native" if self.native_composed else self.compose, "rerank_depth": self.rerank_depth}
 
+    def set_refinement(self, *, k: int | None = None, lam: float | None = None) -> None:
+        """Change the second stage's K' (`k`) and, for methods with a tunable fusion weight (MMRef), `lam`."""
+        if lam is not None:
+            if not isinstance(self.model.method, Refinable):
+                raise XmrError(f"method {self.model.method.name} has no refinement weight (lambda) to set")
+            self.model.method.set_refinement(lam=lam)
+        if k is not None:
+            if k < 0:
+                raise XmrError(f"refine k must be >= 0, got {k}")
+            self.rerank_depth = int(k) if self.reranker is not None else 0
+
     # -- encoding --------------------------------------------------------------------------------
     def _images(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.query_transform(im.convert("RGB")) for im in images])
@@ -148,11 +162,18 @@ class Retriever:
                 extras[name] = full.reshape(*ids.shape, *values.shape[1:])
         return vectors.reshape(*ids.shape, dim), extras
 
-    def rank(self, query: Embedded, k: int = 10, *, rerank_depth: int | None = None) -> Ranked:
-        """The two stages for normalised queries: index top K', then the method's rerank (if any)."""
+    def rank(self, query: Embedded, k: int = 10, *, rerank_depth: int | None = None,
+             refine: bool | None = None) -> Ranked:
+        """The two stages for normalised queries: index top K', then the method's rerank (if any).
+
+        `refine`: False = stage 1 only; True or None = the second stage at `rerank_depth` (None: the
+        retriever's K', itself the method's default unless set).
+        """
         if k < 1:
             raise XmrError(f"k must be >= 1, got {k}")
         depth = self.rerank_depth if rerank_depth is None else int(rerank_depth)
+        if refine is False:
+            depth = 0
         if depth < 0:
             raise XmrError(f"rerank_depth must be >= 0, got {depth}")
         return two_stage(query, k, self._stage1, reranker=self.reranker, depth=depth if self.reranker else 0,
@@ -160,17 +181,24 @@ class Retriever:
 
     def _hits(self, ranked: Ranked) -> list[list[Hit]]:
         out = []
-        for scores, ids, first in zip(ranked.scores, ranked.ids, ranked.first_stage):
-            out.append([Hit(int(i), self.index.path(int(i)), float(s), float(f))
-                        for s, i, f in zip(scores, ids, first) if i >= 0])
+        for q, (scores, ids, first) in enumerate(zip(ranked.scores, ranked.ids, ranked.first_stage)):
+            hits = []
+            for j, (s, i, f) in enumerate(zip(scores, ids, first)):
+                if i < 0:
+                    continue
+                parts = {name: float(v[q, j]) for name, v in ranked.parts.items() if np.isfinite(v[q, j])}
+                hits.append(Hit(int(i), self.index.path(int(i)), float(s), float(f), parts))
+            out.append(hits)
         return out
 
     def search_vectors(self, queries: np.ndarray | Embedded, k: int = 10, *,
-                       rerank_depth: int | None = None) -> list[list[Hit]]:
-        """Search with ready query vectors (rows L2-normalised) or an Embedded (with its extras)."""
+                       rerank_depth: int | None = None, refine: bool | None = None) -> list[list[Hit]]:
+        """Search with ready query vectors (rows L2-normalised) or an Embedded (with its extras).
+
+        `rerank_depth`: K' of the second stage (None: the retriever's); `refine=False`: stage 1 only."""
         query = queries if isinstance(queries, Embedded) else Embedded(torch.from_numpy(
             np.ascontiguousarray(queries, dtype=np.float32)))
-        return self._hits(self.rank(query, k, rerank_depth=rerank_depth))
+        return self._hits(self.rank(query, k, rerank_depth=rerank_depth, refine=refine))
 
     def search_text(self, text: str, k: int = 10, **options: Any) -> list[Hit]:
         if not text or not text.strip():

@@ -35,6 +35,8 @@ from xmr.serve.errors import ApiError, InvalidInput, NotFound, Unauthorized, err
 from xmr.serve.metrics import Metrics, MetricsMiddleware
 from xmr.serve.models import (
     ERROR_RESPONSES,
+    REFINE_HELP,
+    REFINE_K_HELP,
     RERANK_DEPTH_HELP,
     Health,
     MetricsResponse,
@@ -96,6 +98,20 @@ class Service:
             raise InvalidInput(f"rerank_depth must be between 0 and {limit}, got {depth}", code="invalid_rerank_depth")
         return depth
 
+    def search_options(self, rerank_depth: int | None, refine: bool | None = None,
+                       refine_k: int | None = None) -> dict[str, Any]:
+        """The retriever's second-stage options from a request (`refine_k` is `rerank_depth` by its MMRef name)."""
+        depth = self.check_depth(rerank_depth)
+        if refine_k is not None:
+            limit = self.settings.max_refine_k
+            if not 0 <= refine_k <= limit:
+                raise InvalidInput(f"refine_k must be between 0 and {limit}, got {refine_k}", code="invalid_refine_k")
+            if depth is not None and depth != refine_k:
+                raise InvalidInput(f"refine_k={refine_k} and rerank_depth={depth} disagree (they are the same K'); "
+                                   "give one", code="invalid_refine_k")
+            depth = refine_k
+        return {"rerank_depth": depth, "refine": refine}
+
     def check_text(self, text: str | None, what: str = "query text") -> str:
         text = (text or "").strip()
         if not text:
@@ -141,7 +157,9 @@ class Service:
     def results(self, request: Request, hits: list[Any], k: int) -> list[Result]:
         base = request.scope.get("root_path", "").rstrip("/")
         return [Result(id=int(h.id), score=float(h.score), first_stage_score=getattr(h, "first_stage_score", None),
-                       path=self.display_path(str(h.path)),
+                       initial_score=getattr(h, "parts", {}).get("initial_score"),
+                       reference_score=getattr(h, "parts", {}).get("reference_score"),
+                       score_parts=dict(getattr(h, "parts", {})), path=self.display_path(str(h.path)),
                        thumbnail_url=f"{base}/api/thumbnails/{int(h.id)}", image_url=f"{base}/api/images/{int(h.id)}")
                 for h in hits[:k]]
 
@@ -237,8 +255,9 @@ def _search_routes(router: APIRouter) -> None:
                  summary="Images best matching a description")
     async def search_text(request: Request, query: TextQuery) -> SearchResponse:
         svc, start = service_of(request), time.perf_counter()
-        k, text, depth = svc.check_k(query.k), svc.check_text(query.text), svc.check_depth(query.rerank_depth)
-        hits = await svc.queries.run(partial(svc.retriever.search_text, rerank_depth=depth), text, k)
+        k, text = svc.check_k(query.k), svc.check_text(query.text)
+        options = svc.search_options(query.rerank_depth, query.refine, query.refine_k)
+        hits = await svc.queries.run(partial(svc.retriever.search_text, **options), text, k)
         return _response(request, svc, hits, k, start, QueryEcho(kind="text", text=text, k=k))
 
     @router.post("/search/image", response_model=SearchResponse, responses=ERROR_RESPONSES,
@@ -246,14 +265,16 @@ def _search_routes(router: APIRouter) -> None:
     async def search_image(request: Request, file: Annotated[UploadFile, File(description="JPEG, PNG, WebP...")],
                            k: Annotated[int | None, Form()] = None,
                            rerank_depth: Annotated[int | None, Form(description=RERANK_DEPTH_HELP)] = None,
+                           refine: Annotated[bool | None, Form(description=REFINE_HELP)] = None,
+                           refine_k: Annotated[int | None, Form(description=REFINE_K_HELP)] = None,
                            ) -> SearchResponse:
         svc, start = service_of(request), time.perf_counter()
-        k, depth = svc.check_k(k), svc.check_depth(rerank_depth)
+        k, options = svc.check_k(k), svc.search_options(rerank_depth, refine, refine_k)
         data = await read_upload(file, svc.settings.max_upload_bytes)
 
         def job() -> tuple[list[Any], tuple[int, int]]:
             image = decode_image(data, svc.settings.max_image_pixels)
-            return svc.retriever.search_image(image, k, rerank_depth=depth), image.size
+            return svc.retriever.search_image(image, k, **options), image.size
 
         hits, (w, h) = await svc.queries.run(job)
         return _response(request, svc, hits, k, start, QueryEcho(kind="image", k=k, width=w, height=h))
@@ -264,15 +285,17 @@ def _search_routes(router: APIRouter) -> None:
                               text: Annotated[str, Form(description="The modification")] = "",
                               k: Annotated[int | None, Form()] = None,
                               rerank_depth: Annotated[int | None, Form(description=RERANK_DEPTH_HELP)] = None,
+                              refine: Annotated[bool | None, Form(description=REFINE_HELP)] = None,
+                              refine_k: Annotated[int | None, Form(description=REFINE_K_HELP)] = None,
                               ) -> SearchResponse:
         svc, start = service_of(request), time.perf_counter()
         k, text = svc.check_k(k), svc.check_text(text, "modification text")
-        depth = svc.check_depth(rerank_depth)
+        options = svc.search_options(rerank_depth, refine, refine_k)
         data = await read_upload(file, svc.settings.max_upload_bytes)
 
         def job() -> tuple[list[Any], tuple[int, int]]:
             image = decode_image(data, svc.settings.max_image_pixels)
-            return svc.retriever.search_composed(image, text, k, rerank_depth=depth), image.size
+            return svc.retriever.search_composed(image, text, k, **options), image.size
 
         hits, (w, h) = await svc.queries.run(job)
         return _response(request, svc, hits, k, start, QueryEcho(kind="composed", text=text, k=k, width=w, height=h))
@@ -281,10 +304,10 @@ def _search_routes(router: APIRouter) -> None:
                  summary="Images most similar to an indexed image (the image itself left out)")
     async def search_similar(request: Request, query: SimilarQuery) -> SearchResponse:
         svc, start = service_of(request), time.perf_counter()
-        k, depth = svc.check_k(query.k), svc.check_depth(query.rerank_depth)
+        k, options = svc.check_k(query.k), svc.search_options(query.rerank_depth, query.refine, query.refine_k)
         await run_in_threadpool(svc.indexed_file, query.id)  # 404 for an id that is not indexed
         # The stored vector is the query: the image is not decoded or encoded again.
-        hits = await svc.queries.run(partial(svc.retriever.search_similar, rerank_depth=depth), query.id, k)
+        hits = await svc.queries.run(partial(svc.retriever.search_similar, **options), query.id, k)
         return _response(request, svc, hits, k, start, QueryEcho(kind="similar", id=query.id, k=k))
 
 

@@ -29,23 +29,38 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 RERANK_DEPTH_HELP = ("K', how many index results the method re-scores in its second stage (reranking methods "
                      "only; default: the method's own; 0 = index order only; at most settings.max_rerank_depth).")
 
+REFINE_HELP = ("Second stage on or off (MMRef's reference-based refinement, AsCL's fused re-scoring); "
+               "default: on for methods that have one.")
+REFINE_K_HELP = ("How many of the index's top results are refined (the same K' as rerank_depth; at most "
+                 "settings.max_refine_k).")
+
 
 class TextQuery(BaseModel):
     text: str = Field(description="What to look for, in words.", examples=["a woman in a red jacket"])
     k: int | None = Field(default=None, description="How many results (default: settings.default_k).")
     rerank_depth: int | None = Field(default=None, description=RERANK_DEPTH_HELP)
+    refine: bool | None = Field(default=None, description=REFINE_HELP)
+    refine_k: int | None = Field(default=None, description=REFINE_K_HELP)
 
 
 class SimilarQuery(BaseModel):
     id: int = Field(description="Index id of an image from earlier results.")
     k: int | None = Field(default=None, description="How many results (default: settings.default_k).")
     rerank_depth: int | None = Field(default=None, description=RERANK_DEPTH_HELP)
+    refine: bool | None = Field(default=None, description=REFINE_HELP)
+    refine_k: int | None = Field(default=None, description=REFINE_K_HELP)
 
 
 class Result(BaseModel):
     id: int = Field(description="Index id of the image.")
     score: float = Field(description="Similarity to the query (higher is closer): the final (re-ranked) score.")
     first_stage_score: float | None = Field(default=None, description="The index's cosine similarity (stage 1).")
+    initial_score: float | None = Field(default=None, description="MMRef: S_init, the cosine before refinement "
+                                        "(absent for results that were not refined).")
+    reference_score: float | None = Field(default=None, description="MMRef: S_ref, the similarity of the "
+                                          "query's and the image's profiles over the training references.")
+    score_parts: dict[str, float] = Field(default_factory=dict, description="Every part of the second-stage "
+                                          "score the method reports (e.g. score_global, score_local).")
     path: str = Field(description="Path relative to the served images root.")
     thumbnail_url: str
     image_url: str

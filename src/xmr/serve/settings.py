@@ -32,6 +32,7 @@ class ServeSettings:
     max_k: int = 100
     default_k: int = 10
     max_rerank_depth: int = 1000  # K' of the second stage, for methods that re-rank (work per query)
+    max_refine_k: int = 1000  # the same K' asked for by its MMRef name (`refine_k`)
     max_concurrency: int = 2  # retriever calls running at once (each is CPU-heavy)
     max_queue: int = 16  # calls waiting for a slot; more are refused with 503 at once
     thumbnail_size: int = 256  # longest side of /api/thumbnails images, in pixels
@@ -46,7 +47,7 @@ class ServeSettings:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field out of range."""
-        positive = ("max_upload_bytes", "max_image_pixels", "max_text_chars", "max_k", "default_k", "max_rerank_depth",
+        positive = ("max_upload_bytes", "max_image_pixels", "max_text_chars", "max_k", "default_k", "max_rerank_depth", "max_refine_k",
                     "max_concurrency", "thumbnail_size", "thumbnail_workers")
         for name in positive:
             value = getattr(self, name)
@@ -87,7 +88,7 @@ class ServeSettings:
     def public_limits(self) -> dict[str, int]:
         """The limits a client needs to build valid requests (exposed by /api/health)."""
         return {"max_k": self.max_k, "default_k": self.default_k, "max_text_chars": self.max_text_chars,
-                "max_rerank_depth": self.max_rerank_depth,
+                "max_rerank_depth": self.max_rerank_depth, "max_refine_k": self.max_refine_k,
                 "max_upload_bytes": self.max_upload_bytes, "max_image_pixels": self.max_image_pixels}
 
 

@@ -1,0 +1,105 @@
+"""MMRef as a user runs it: train a tiny model, evaluate with the initial and refined rows, tune the
+refinement on val, re-score the whole gallery exactly, and search an index with and without refinement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_overrides
+from test_cli import xmr
+
+
+def mmref_overrides(data: Path, run: Path, **extra: object) -> list[str]:
+    items = [o for o in tiny_overrides(data, run, **extra) if not o.startswith("method.cmt_depth")]
+    return items + ["method.refine.k=5"]
+
+
+@pytest.fixture(scope="module")
+def mmref_run(tiny_pedes, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("mmref") / "run"
+    args = ["train", "--config", "configs/mmref/demo.yaml"]
+    for item in mmref_overrides(tiny_pedes, run, **{"optim.epochs": 1}):
+        args += ["--set", item]
+    proc = xmr(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"sdm", "fuse", "recon", "rgrl", "lr"} <= set(first) and first["lr"] != first["recon"]
+    return run
+
+
+def test_evaluate_prints_initial_and_refined_rows_and_the_grid(mmref_run, tiny_pedes, tmp_path):
+    out = tmp_path / "report.json"
+    proc = xmr("evaluate", "--checkpoint", str(mmref_run / "last"), "--data", str(tiny_pedes), "--out", str(out),
+               "--workers", "0", "--precision", "fp32", "--refine-grid", "k=2,5;lam=0.0,0.5",
+               "--refine-scope", "full")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "t2i refined (test)" in proc.stdout and "t2i initial (test)" in proc.stdout
+    assert "t2i full re-score (test)" in proc.stdout
+    report = json.loads(out.read_text())
+    results, protocol = report["results"], report["protocol"]
+    assert set(results) == {"t2i", "t2i_initial", "t2i_full"}
+    grid = protocol["refine_grid"]
+    assert grid["selected_on"] == "val" and len(grid["rows"]) == 4
+    best = max(grid["rows"], key=lambda r: r["R1"])
+    assert grid["chosen"]["k"] in (2, 5) and best["R1"] == max(r["R1"] for r in grid["rows"])
+    assert protocol["refinement"]["k"] == grid["chosen"]["k"] == protocol["rerank_depth"]
+    assert protocol["refinement"]["num_references"] == 16
+    lam0 = [r for r in grid["rows"] if r["lam"] == 0.0]
+    assert all(r["R1"] == lam0[0]["R1"] and r["mAP"] == lam0[0]["mAP"] for r in lam0)  # lam 0 = no refinement
+
+
+@pytest.fixture(scope="module")
+def mmref_index(mmref_run, train_gallery, tmp_path_factory) -> Path:
+    images, _, _ = train_gallery
+    work = tmp_path_factory.mktemp("mmref-index")
+    emb, index = work / "g.emb", work / "g.index"
+    assert xmr("embed", str(images), "--checkpoint", str(mmref_run / "last"), "--out", str(emb),
+               "--workers", "0").returncode == 0
+    assert xmr("index", "build", str(emb), "--out", str(index)).returncode == 0
+    return index
+
+
+def test_search_with_and_without_refinement(mmref_index, train_gallery):
+    _, _, records = train_gallery
+    index = mmref_index
+    query = records[0].caption
+    refined = xmr("search", str(index), query, "-k", "5", "--refine-k", "8", "--refine-lambda", "0.5", "--json")
+    plain = xmr("search", str(index), query, "-k", "5", "--no-refine", "--json")
+    assert refined.returncode == 0 and plain.returncode == 0, refined.stderr[-2000:] + plain.stderr[-2000:]
+    hits = json.loads(refined.stdout)["results"]
+    for hit in hits:
+        parts = hit["parts"]
+        assert hit["score"] == pytest.approx(0.5 * parts["initial_score"] + 0.5 * parts["reference_score"], abs=1e-5)
+        assert parts["initial_score"] == pytest.approx(hit["first_stage_score"], abs=1e-6)
+    plain_hits = json.loads(plain.stdout)["results"]
+    assert all(not h["parts"] and h["score"] == h["first_stage_score"] for h in plain_hits)
+    table = xmr("search", str(index), query, "-k", "3")
+    assert table.returncode == 0 and "S_ref" in table.stdout and "S_init" in table.stdout
+    assert (REPO / "configs/mmref/demo.yaml").is_file()
+
+
+def test_http_refine_switch_limits_and_score_parts(mmref_index, mmref_run, train_gallery):
+    from fastapi.testclient import TestClient
+
+    from xmr.search.retriever import load
+    from xmr.serve import ServeSettings, create_app
+
+    _, _, records = train_gallery
+    retriever = load(mmref_index, mmref_run / "last", precision="fp32")
+    client = TestClient(create_app(retriever, ServeSettings(max_refine_k=20)))
+    text = records[0].caption
+    body = client.post("/api/search/text", json={"text": text, "k": 4, "refine_k": 10}).json()
+    for hit in body["results"]:
+        assert hit["initial_score"] == pytest.approx(hit["first_stage_score"], abs=1e-6)
+        assert hit["score"] == pytest.approx(0.7 * hit["initial_score"] + 0.3 * hit["reference_score"], abs=1e-5)
+        assert set(hit["score_parts"]) == {"initial_score", "reference_score"}
+    off = client.post("/api/search/text", json={"text": text, "k": 4, "refine": False}).json()["results"]
+    assert all(h["reference_score"] is None and h["score"] == h["first_stage_score"] for h in off)
+    too_deep = client.post("/api/search/text", json={"text": text, "refine_k": 21})
+    assert too_deep.status_code == 422 and too_deep.json()["error"]["code"] == "invalid_refine_k"
+    first_id = body["results"][0]["id"]
+    similar = client.post("/api/search/similar", json={"id": first_id, "k": 3, "refine_k": 5})
+    assert similar.status_code == 200 and similar.json()["results"][0]["reference_score"] is not None
+    assert client.get("/api/health").json()["limits"]["max_refine_k"] == 20
