@@ -103,3 +103,49 @@ def test_http_refine_switch_limits_and_score_parts(mmref_index, mmref_run, train
     similar = client.post("/api/search/similar", json={"id": first_id, "k": 3, "refine_k": 5})
     assert similar.status_code == 200 and similar.json()["results"][0]["reference_score"] is not None
     assert client.get("/api/health").json()["limits"]["max_refine_k"] == 20
+
+
+def test_search_page_refine_toggle_and_score_hover(mmref_index, mmref_run, train_gallery, tmp_path_factory):
+    """The page over an MMRef index: a refine switch, both scores on hover; unchecked, no reference score."""
+    from test_web import _browser_or_skip, wait_for, wait_results
+
+    chromium, driver_path = _browser_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    from xmr.search.retriever import load
+    from xmr.serve import ServeSettings, create_app, serve_in_thread
+
+    _, pid_of, records = train_gallery
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-mmref')}"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        app = create_app(load(mmref_index, mmref_run / "last", precision="fp32"), ServeSettings())
+        with serve_in_thread(app) as url:
+            browser.get(url + "/")
+            wait_for(browser, lambda d: f"{len(pid_of)} images" in d.find_element(By.ID, "status-line").text,
+                     "health")
+            assert browser.find_element(By.ID, "refine-label").is_displayed()
+            text = records[0].caption
+            browser.find_element(By.ID, "q").send_keys(text)
+            items = wait_results(browser, 10, text[:20])
+            hover = items[0].find_element(By.CSS_SELECTOR, ".score").get_attribute("title")
+            assert "initial (stage 1)" in hover and "reference" in hover
+            browser.find_element(By.ID, "refine").click()
+            browser.find_element(By.ID, "q").send_keys(" ")
+            browser.find_element(By.ID, "q").submit()
+
+            def unrefined(d):  # read in one script: the list may be re-rendered between two calls
+                title = d.execute_script('const s = document.querySelector("#results .result .score");'
+                                         'return s ? s.title : null;')
+                return title is not None and "reference" not in title
+
+            wait_for(browser, unrefined, "results without refinement")
+    finally:
+        browser.quit()

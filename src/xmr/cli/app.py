@@ -110,8 +110,9 @@ def row_label(key: str) -> str:
 
 @app.command()
 def demo(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Demo recipe.")] = Path("configs/demo.yaml"),
-    work_dir: Annotated[Path, typer.Option(help="Where the demo data, model and outputs go.")] = Path(".cache/demo"),
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Run a method's own demo (irra, mmref, ...): its recipe configs/<method>/demo.yaml and cache .cache/demo-<method>.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Demo recipe (default: configs/demo.yaml, IRRA).")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Where the demo data, model and outputs go (default: .cache/demo).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config field (section.key=value).")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train again even if a cached model exists.")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="End by serving the search page over the demo gallery.")] = True,
@@ -119,10 +120,12 @@ def demo(
 ) -> None:
     """End to end on embedded data: generate synthetic pedestrians (CUHK-PEDES layout), train a small IRRA
     model on CPU (cached after the first run), evaluate it on the test split, draw a top-5 grid, index the
-    demo gallery and serve the search page on http://127.0.0.1:PORT/ (Ctrl-C stops it)."""
-    from xmr.jobs.demo import run_demo
+    demo gallery and serve the search page on http://127.0.0.1:PORT/ (Ctrl-C stops it).
+    `--method mmref` trains MMRef on the same data and serves refined results."""
+    from xmr.jobs.demo import method_demo, run_demo
 
-    summary = run_demo(config, work_dir, tuple(set_ or []), retrain=retrain)
+    default_config, default_work = method_demo(method or "irra")
+    summary = run_demo(config or default_config, work_dir or default_work, tuple(set_ or []), retrain=retrain)
     typer.echo("")
     typer.echo(summary["table"])
     typer.echo(f"chance Rank-1: {summary['chance_R1']:.2f}%  |  "

@@ -19,6 +19,23 @@ log = logging.getLogger(__name__)
 DEMO_DATA = {"num_ids": 500, "images_per_id": 4, "captions_per_image": 2, "image_size": (192, 64), "seed": 0}
 
 
+DEMO_ROWS = {"t2i": "demo (t2i, test)", "t2i_initial": "demo, stage 1 only (t2i, test)"}
+METHOD_DEMOS = {"irra": ("configs/demo.yaml", ".cache/demo")}  # others: configs/<name>/demo.yaml
+
+
+def method_demo(name: str) -> tuple[Path, Path]:
+    """(recipe, work dir) of a method's own cached demo: `xmr demo --method NAME`."""
+    from xmr.registry import METHODS
+
+    METHODS.get(name)  # an unknown name raises with the known ones
+    config, work_dir = METHOD_DEMOS.get(name, (f"configs/{name}/demo.yaml", f".cache/demo-{name}"))
+    if not Path(config).is_file():
+        from xmr.errors import ConfigError
+
+        raise ConfigError(f"method {name!r} has no demo recipe ({config} not found; run from the repository root)")
+    return Path(config), Path(work_dir)
+
+
 def _cache_key(cfg: ExperimentConfig, data_manifest: Path) -> str:
     payload = cfg.to_dict()
     payload["train"] = {k: v for k, v in payload["train"].items() if k not in ("output_dir", "progress")}
@@ -64,7 +81,8 @@ def run_demo(config_path: str | Path, work_dir: str | Path = ".cache/demo", over
     return {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "results": evaluation.results,
             "report": str(evaluation.report_path), "grid": str(grid), "chance_R1": chance_r1,
             "index": str(index_dir),
-            "table": format_table({"demo (t2i, test)": evaluation.results["t2i"]}, title="")}
+            "table": format_table({DEMO_ROWS.get(key, key): metrics for key, metrics in evaluation.results.items()},
+                                  title="")}
 
 
 def build_gallery_index(checkpoint: str | Path, images: str | Path, work_dir: str | Path, *,

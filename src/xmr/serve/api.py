@@ -232,6 +232,7 @@ def _public_routes(router: APIRouter) -> None:
         svc = service_of(request)
         return Health(status="ok", count=len(svc.retriever), model_id=str(svc.retriever.model_id),
                       supports_composed=bool(svc.retriever.supports_composed),
+                      rerank_depth=int(getattr(svc.retriever, "rerank_depth", 0) or 0),
                       auth_required=svc.settings.api_key is not None, version=_version(),
                       limits=svc.settings.public_limits())
 

@@ -86,6 +86,8 @@ class Health(BaseModel):
     count: int = Field(description="Images in the index.")
     model_id: str
     supports_composed: bool = Field(description="Whether /api/search/composed can be answered.")
+    rerank_depth: int = Field(default=0, description="K' of the method's second stage (0: a one-stage method); "
+                                                     "the page offers a refine switch when > 0.")
     auth_required: bool = Field(description="Whether /api routes need the X-API-Key header.")
     version: str
     limits: dict[str, int]

@@ -91,6 +91,7 @@
       $("q").maxLength = h.limits.max_text_chars;
       $("modify").maxLength = h.limits.max_text_chars;
       if (h.auth_required && !state.key) $("key-panel").open = true;
+      $("refine-label").hidden = !(h.rerank_depth > 0);
       updateComposedUi();
     } catch (err) {
       $("status-line").textContent = "Server unreachable";
@@ -127,12 +128,16 @@
   // ---------------------------------------------------------------------------------------------
   function k() { return Number($("k").value) || 10; }
 
+  // The refine switch only exists for methods with a second stage; unchecked sends refine=false.
+  function refineOff() { return !$("refine-label").hidden && !$("refine").checked; }
+  function withRefine(json) { return refineOff() ? { ...json, refine: false } : json; }
+
   const queries = {
-    text: (text) => ({ path: "api/search/text", json: { text, k: k() }, label: `“${text}”` }),
+    text: (text) => ({ path: "api/search/text", json: withRefine({ text, k: k() }), label: `“${text}”` }),
     image: (file) => ({ path: "api/search/image", form: formWith(file), label: "your image" }),
     composed: (file, text) => ({ path: "api/search/composed", form: formWith(file, text),
                                  label: `your image, modified: “${text}”` }),
-    similar: (result) => ({ path: "api/search/similar", json: { id: result.id, k: k() },
+    similar: (result) => ({ path: "api/search/similar", json: withRefine({ id: result.id, k: k() }),
                             label: `images similar to ${result.path}` }),
   };
 
@@ -141,6 +146,7 @@
     form.append("file", file, file.name || "image");
     if (text !== undefined) form.append("text", text);
     form.append("k", String(k()));
+    if (refineOff()) form.append("refine", "false");
     return form;
   }
 
@@ -248,7 +254,7 @@
     caption.className = "caption";
     const rank = textEl("span", "rank", `#${index + 1}`);
     const score = textEl("span", "score", result.score.toFixed(3));
-    score.title = "similarity score";
+    score.title = scoreTitle(result);
     const similar = document.createElement("button");
     similar.type = "button";
     similar.className = "link-button";
@@ -260,6 +266,18 @@
     path.title = result.path;
     li.append(open, caption, path);
     return li;
+  }
+
+  // Hover text of a score: the second stage's parts when the method reports them (MMRef, AsCL).
+  function scoreTitle(result) {
+    const lines = [`score ${result.score.toFixed(4)}`];
+    if (result.initial_score != null) lines.push(`initial (stage 1) ${result.initial_score.toFixed(4)}`);
+    if (result.reference_score != null) lines.push(`reference ${result.reference_score.toFixed(4)}`);
+    for (const [name, value] of Object.entries(result.score_parts || {})) {
+      if (name !== "initial_score" && name !== "reference_score") lines.push(`${name} ${value.toFixed(4)}`);
+    }
+    if (lines.length === 1) lines[0] = "similarity score";
+    return lines.join("\n");
   }
 
   function textEl(tag, className, text) {
@@ -281,6 +299,10 @@
     $("lb-title").textContent = `Result #${index + 1}`;
     $("lb-path").textContent = result.path;
     $("lb-score").textContent = result.score.toFixed(4);
+    const refined = result.initial_score != null && result.reference_score != null;
+    for (const el of document.querySelectorAll(".lb-part")) el.hidden = !refined;
+    $("lb-initial").textContent = refined ? result.initial_score.toFixed(4) : "";
+    $("lb-reference").textContent = refined ? result.reference_score.toFixed(4) : "";
     $("lb-id").textContent = String(result.id);
     $("lightbox").showModal();
   }
