@@ -149,3 +149,29 @@ def test_search_page_refine_toggle_and_score_hover(mmref_index, mmref_run, train
             wait_for(browser, unrefined, "results without refinement")
     finally:
         browser.quit()
+
+
+def test_ablation_command_trains_rows_once_and_tabulates(tiny_pedes, tmp_path):
+    rows = tmp_path / "rows.yaml"
+    rows.write_text("- {name: baseline, set: ['method.losses=[sdm]']}\n"
+                    "- {name: full, set: ['method.losses=[sdm,fuse,rgrl]']}\n"
+                    "- {name: full + refine, set: ['method.losses=[sdm,fuse,rgrl]'], refine: true}\n")
+    args = ["ablation", "configs/mmref/demo.yaml", "--seeds", "2", "--rows", str(rows), "--out", str(tmp_path / "abl"),
+            "--refine-grid", "k=3;lam=0.0,0.5"]
+    for item in mmref_overrides(tiny_pedes, tmp_path / "unused", **{"optim.epochs": 1, "train.max_steps_per_epoch": 2}):
+        args += ["--set", item]
+    proc = xmr(*args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline" in proc.stdout and "± " in proc.stdout and "k=3" in proc.stdout
+    summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    names = [r["name"] for r in summary["rows"]]
+    assert names == ["baseline", "full", "full + refine"] and summary["seeds"] == [0, 1]
+    runs = sorted(p.name for p in (tmp_path / "abl").glob("run-*"))
+    assert len(runs) == 4  # the refined row reuses the full row's two runs
+    full, refined = summary["rows"][1], summary["rows"][2]
+    for row in summary["rows"]:
+        import statistics
+
+        assert row["mean"]["R1"] == pytest.approx(statistics.fmean(s["R1"] for s in row["per_seed"]))
+    assert all(s["k"] == 3 and s["lam"] in (0.0, 0.5) for s in refined["settings"])
+    assert full["per_seed"] != [] and (tmp_path / "abl" / "ablation.png").read_bytes()[:4] == b"\x89PNG"

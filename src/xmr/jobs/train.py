@@ -29,7 +29,7 @@ from xmr.errors import CheckpointError, ConfigError
 from xmr.evaluation.evaluator import evaluate_split, flat_metrics
 from xmr.evaluation.tasks import build_task
 from xmr.methods import build_method
-from xmr.methods.base import BuildContext, Method
+from xmr.methods.base import BuildContext, InitialisesFromData, Method
 from xmr.methods.loading import TOKENIZER_FILE
 from xmr.text.bpe_train import train_bpe
 from xmr.text.tokenizer import ClipTokenizer
@@ -123,6 +123,17 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainResul
         method = build_method(cfg.method, build_context(cfg, splits, tokenizer))
         epoch_batches, steps = build_train_loader(cfg, splits, tokenizer, dist_info, method)
         output = Path(cfg.train.output_dir)
+        target = None
+        if resume:
+            target = output / "last" if resume == "auto" else Path(resume)
+            if not target.exists():
+                if resume != "auto":
+                    raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
+                target = None
+        if target is None and isinstance(method, InitialisesFromData):
+            # one pass over the first epoch's batches, before the trainer moves the model or DDP
+            # broadcasts rank 0's parameters
+            method.initialise_from_data(epoch_batches(0))
         evaluate = None
         if splits.val is not None and len(splits.val.captions):
             evaluate = _validation_callback(cfg, splits, tokenizer, device)
@@ -135,12 +146,8 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainResul
         if dist_info.is_main:
             output.mkdir(parents=True, exist_ok=True)
             save_config(cfg, output / "config.yaml")
-        if resume:
-            target = output / "last" if resume == "auto" else Path(resume)
-            if target.exists():
-                trainer.resume(target)
-            elif resume != "auto":
-                raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
+        if target is not None:
+            trainer.resume(target)
         return trainer.fit()
     finally:
         shutdown(dist_info)

@@ -11,7 +11,7 @@ from the YAML `method:` section). Optional capabilities are runtime-checkable pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -176,6 +176,14 @@ class FullScopeReranker(Reranker, Protocol):
     def full_scope_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """(N, D) normalised vectors (queries or gallery) -> (N, D') whose inner products are final scores."""
         ...
+
+
+@runtime_checkable
+class InitialisesFromData(Protocol):
+    """A method that sets some parameters from the training data before the first step (MMRef's
+    `ref_init: class_mean`); not called when a run resumes (the checkpoint holds them)."""
+
+    def initialise_from_data(self, batches: Iterable[dict[str, torch.Tensor]]) -> None: ...
 
 
 @runtime_checkable

@@ -125,6 +125,13 @@ class MMRef(nn.Module):
     Config: ClassVar[type[MMRefConfig]] = MMRefConfig
     tasks: ClassVar[frozenset[str]] = frozenset({"person"})
     query_kinds: ClassVar[frozenset[str]] = frozenset({"text", "image"})
+    # `xmr ablation`'s default rows: (name, overrides, refine at test time); the last two share one model
+    ablation_rows: ClassVar[tuple[tuple[str, tuple[str, ...], bool], ...]] = (
+        ("baseline (sdm)", ("method.losses=[sdm]",), False),
+        ("+MMRC (fuse+lr)", ("method.losses=[sdm,fuse,lr]",), False),
+        ("+RGRL", ("method.losses=[sdm,fuse,lr,rgrl]",), False),
+        ("+RGRL +refinement", ("method.losses=[sdm,fuse,lr,rgrl]",), True),
+    )
 
     def __init__(self, clip: CLIP, cfg: MMRefConfig, *, num_classes: int, vocab_size: int = 49409) -> None:
         super().__init__()
