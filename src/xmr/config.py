@@ -266,7 +266,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return data
     parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
+    if _method_name(data) not in (None, _method_name(parent)):
+        # another method: its fields replace the base's method section (they are a different dataclass)
+        parent = {k: v for k, v in parent.items() if k != "method"}
     return _deep_merge(parent, data)
+
+
+def _method_name(data: dict[str, Any]) -> str | None:
+    method = data.get("method")
+    return method if isinstance(method, str) else method.get("name") if isinstance(method, dict) else None
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
