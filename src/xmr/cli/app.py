@@ -107,7 +107,7 @@ def ablation(
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per row (mean ± std over them).")] = 2,
     out: Annotated[Path | None, typer.Option(help="Where runs, ablation.json and ablation.png go (default: .cache/ablation-<recipe>).")] = None,
     rows: Annotated[Path | None, typer.Option(help="YAML list of rows {name, set: [key=value...], refine: bool} (default: the method's own).")] = None,
-    refine_grid: Annotated[str, typer.Option("--refine-grid", help="Grid searched on val for rows with refinement.")] = "k=10,50,100;lam=0.1,0.3,0.5",
+    refine_grid: Annotated[str, typer.Option("--refine-grid", help="Grid searched on val for rows with refinement.")] = "k=10,50,100;lam=0.05,0.1,0.2,0.3,0.5",
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config field for every row.")] = None,
 ) -> None:
     """Train each ablation row for every seed (runs cached: re-running only adds what is missing), evaluate on

@@ -25,7 +25,7 @@ from xmr.errors import ConfigError
 log = logging.getLogger(__name__)
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
-DEFAULT_GRID = "k=10,50,100;lam=0.1,0.3,0.5"
+DEFAULT_GRID = "k=10,50,100;lam=0.05,0.1,0.2,0.3,0.5"
 
 
 @dataclass(frozen=True)
