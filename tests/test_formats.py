@@ -258,9 +258,9 @@ def test_folder_default_one_id_per_image(tmp_path: Path) -> None:
 
 
 def test_unknown_format_lists_known(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="known formats: cuhk_pedes, icfg_pedes, rstpreid, folder"):
+    with pytest.raises(DataError, match="known formats: cub, cuhk_pedes, flowers102, icfg_pedes, rstpreid, folder"):
         load_dataset("flickr", tmp_path)
-    assert set(FORMATS) == {"cuhk_pedes", "icfg_pedes", "rstpreid", "folder"}
+    assert set(FORMATS) == {"cub", "cuhk_pedes", "flowers102", "icfg_pedes", "rstpreid", "folder"}
 
 
 def test_missing_annotation_lists_root(tmp_path: Path) -> None:
@@ -479,7 +479,8 @@ def test_registered_format_is_detected_and_loaded(tmp_path: Path, formats_regist
     assert detect_format(tmp_path) == "toy"
     assert load_dataset("auto", tmp_path).name == "toy" and load_dataset("TOY", tmp_path).num_train_ids == 2
     # FORMATS is computed on access, so it lists a format registered after import
-    assert formats.FORMATS == known_formats() == ["cuhk_pedes", "icfg_pedes", "rstpreid", "toy", "folder"]
+    assert formats.FORMATS == known_formats() == ["cub", "cuhk_pedes", "flowers102", "icfg_pedes", "rstpreid", "toy",
+                                                         "folder"]
     with pytest.raises(DataError, match=r"did you mean 'toy'\?.*known formats: .*, toy, folder"):
         load_dataset("tyo", tmp_path)
 

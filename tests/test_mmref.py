@@ -282,3 +282,28 @@ def test_refined_metrics_equal_the_brute_force_reranked_lists():
                                Embedded(refiner.full_scope_vectors(gallery)), depth=0).results["t2i"]
             for name in ("R1", "R5", "R10", "mAP", "mINP"):
                 assert got[name] == pytest.approx(full[name], abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["cuhk_pedes", "icfg_pedes", "rstpreid", "cub", "flowers102", "demo"])
+def test_mmref_recipes_load_as_mmref(name):
+    from conftest import REPO
+
+    from xmr.config import load_config
+
+    cfg = load_config(REPO / f"configs/mmref/{name}.yaml")
+    assert cfg.method.name == "mmref" and cfg.method.losses == ["sdm", "fuse", "lr", "rgrl"]
+    assert cfg.train.output_dir.endswith(name if name != "demo" else "run")
+    if name != "demo":
+        assert cfg.model.clip == "ViT-B/16" and cfg.optim.lr == pytest.approx(1e-5)
+
+
+def test_a_recipe_for_another_method_replaces_the_base_method_section(tmp_path):
+    from xmr.config import load_config
+
+    (tmp_path / "base.yaml").write_text("method: {name: irra, cmt_depth: 2}\noptim: {lr: 0.5}\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\nmethod: {name: mmref, lr_depth: 2}\n")
+    (tmp_path / "same.yaml").write_text("base: base.yaml\nmethod: {temperature: 0.1}\n")
+    top = load_config(tmp_path / "top.yaml")
+    assert top.method.name == "mmref" and top.method.lr_depth == 2 and top.optim.lr == 0.5
+    same = load_config(tmp_path / "same.yaml")
+    assert same.method.name == "irra" and same.method.cmt_depth == 2 and same.method.temperature == 0.1

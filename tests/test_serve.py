@@ -48,8 +48,9 @@ class FakeRetriever:
     def _text_scores(self, text: str) -> list[float]:
         return [1.0 if Path(p).stem in text.lower() else 0.5 / (i + 2) for i, p in enumerate(self.paths)]
 
-    def search_text(self, text: str, k: int = 10, rerank_depth: int | None = None) -> list:
-        self.last_depth = rerank_depth
+    def search_text(self, text: str, k: int = 10, rerank_depth: int | None = None,
+                    refine: bool | None = None) -> list:
+        self.last_depth, self.last_refine = rerank_depth, refine
         if self.gate is not None:
             self.gate.wait(10)
         if self.fail_with is not None:
@@ -60,16 +61,19 @@ class FakeRetriever:
         return [1.0 - sum(abs(a - b) for a, b in zip(mean, COLORS.get(Path(p).stem, (128, 128, 128)))) / 765
                 for p in self.paths]
 
-    def search_image(self, image: Image.Image, k: int = 10, rerank_depth: int | None = None) -> list:
+    def search_image(self, image: Image.Image, k: int = 10, rerank_depth: int | None = None,
+                    refine: bool | None = None) -> list:
         return self._hits(self._colour_scores(image.convert("RGB").resize((1, 1)).getpixel((0, 0))), k)
 
-    def search_similar(self, id: int, k: int = 10, rerank_depth: int | None = None) -> list:
+    def search_similar(self, id: int, k: int = 10, rerank_depth: int | None = None,
+                    refine: bool | None = None) -> list:
         """From the indexed item's stored colour (its 'vector'): no image is read."""
         self.similar_calls = getattr(self, "similar_calls", 0) + 1
         scores = self._colour_scores(COLORS.get(Path(self.paths[id]).stem, (128, 128, 128)))
         return [h for h in self._hits(scores, k + 1) if h.id != id][:k]
 
-    def search_composed(self, image: Image.Image, text: str, k: int = 10, rerank_depth: int | None = None) -> list:
+    def search_composed(self, image: Image.Image, text: str, k: int = 10, rerank_depth: int | None = None,
+                    refine: bool | None = None) -> list:
         if not self.supports_composed:
             raise UnsupportedQuery("this fake model cannot compose an image with a modifying text")
         image_scores = [h.score for h in sorted(self.search_image(image, len(self)), key=lambda h: h.id)]

@@ -51,7 +51,8 @@ class PeopleRetriever(FakeRetriever):
         words = set(text.lower().replace(",", " ").split())
         return [len(words & set(Path(p).stem.split("_"))) + 0.1 / (i + 1) for i, p in enumerate(self.paths)]
 
-    def search_image(self, image: Image.Image, k: int = 10, rerank_depth: int | None = None) -> list:
+    def search_image(self, image: Image.Image, k: int = 10, rerank_depth: int | None = None,
+                     refine: bool | None = None) -> list:
         w, h = image.size  # the shirt region of draw_person's figure
         mean = image.convert("RGB").crop((int(0.3 * w), int(0.25 * h), int(0.7 * w), int(0.55 * h))).resize(
             (1, 1)).getpixel((0, 0))

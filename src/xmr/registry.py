@@ -64,6 +64,8 @@ FORMATS.register("cuhk_pedes", "xmr.data.formats.cuhk_pedes:read")
 FORMATS.register("icfg_pedes", "xmr.data.formats.icfg_pedes:read")
 FORMATS.register("rstpreid", "xmr.data.formats.rstpreid:read")
 FORMATS.register("folder", "xmr.data.formats.folder:read")
+FORMATS.register("cub", "xmr.data.formats.cub:read")
+FORMATS.register("flowers102", "xmr.data.formats.flowers102:read")
 
 INDEX_BACKENDS.register("faiss", "xmr.index.faiss_index:FaissIndex")
 INDEX_BACKENDS.register("milvus", "xmr.index.milvus_index:MilvusIndex")
