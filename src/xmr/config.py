@@ -42,8 +42,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "cuhk_pedes"  # cuhk_pedes | icfg_pedes | rstpreid | folder
+    format: str = "cuhk_pedes"  # cuhk_pedes | icfg_pedes | rstpreid | cub | flowers102 | folder
     root: str = "data/CUHK-PEDES"
+    # formats whose pictures and captions come from separate archives (cub, flowers102) may take the two
+    # trees apart; None: both under `root`
+    images_root: str | None = None
+    captions_root: str | None = None
     tokenizer: str | None = None  # CLIP BPE .txt.gz, a Hugging Face tokenizer dir, or None to train one
     tokenizer_merges: int = 2000  # merges learnt on the training captions when tokenizer is None
     context_length: int = 77

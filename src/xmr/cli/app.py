@@ -64,8 +64,8 @@ def train(
 @app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="An xmr checkpoint dir (a run's best/ or last/).")],
-    data: Annotated[Path, typer.Option("--data", help="Data set root (CUHK-PEDES, ICFG-PEDES, RSTPReid or a folder data set).")],
-    data_format: Annotated[str | None, typer.Option("--format", help="cuhk_pedes | icfg_pedes | rstpreid | folder (default: detected).")] = None,
+    data: Annotated[Path, typer.Option("--data", help="Data set root (CUHK-PEDES, ICFG-PEDES, RSTPReid, CUB or Flowers with Reed's captions, or a folder data set).")],
+    data_format: Annotated[str | None, typer.Option("--format", help="cuhk_pedes | icfg_pedes | rstpreid | cub | flowers102 | folder (default: detected).")] = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     i2t: Annotated[bool, typer.Option("--i2t", help="Also report image-to-text retrieval.")] = False,
     out: Annotated[Path | None, typer.Option(help="JSON report path (default: <checkpoint>/eval_<split>.json).")] = None,
@@ -79,12 +79,14 @@ def evaluate(
     refine_lambda: Annotated[float | None, typer.Option("--refine-lambda", min=0.0, max=1.0, help="MMRef: weight of the reference similarity (default: the checkpoint's).")] = None,
     refine_scope: Annotated[str, typer.Option("--refine-scope", help="shortlist: re-score the top K' (what search does); full: also the exact second-stage ranking of the whole gallery, to see what the shortlist loses.")] = "shortlist",
     refine_grid: Annotated[str | None, typer.Option("--refine-grid", help="Tune the second stage on the val split first, e.g. \"k=10,50,100;lam=0.1,0.3,0.5\"; the grid and the choice go into the report.")] = None,
+    images_root: Annotated[Path | None, typer.Option("--images-root", help="cub/flowers102: the pictures tree when it is not under --data (CUB_200_2011/ or the folder holding jpg/).")] = None,
+    captions_root: Annotated[Path | None, typer.Option("--captions-root", help="cub/flowers102: Reed's captions tree (cvpr2016_cub/ or cvpr2016_flowers/) when it is not under --data.")] = None,
 ) -> None:
     """Evaluate a checkpoint under a task kind (person: Rank-1/5/10, mAP, mINP for t2i; --i2t adds image-to-text),
     printed and saved as JSON with its protocol. Scores go through the same two stages as `xmr search`;
-    reranking methods (MMRef) print an `initial` row (stage 1 only) beside the refined one."""
+    reranking methods (MMRef) print an `initial` row (stage 1 only) beside the refined one. CUB and Flowers
+    also print Reed et al.'s class-level protocol (i2t top-1, t2i AP@50)."""
     from xmr.evaluation.evaluator import format_table
-    from xmr.evaluation.tasks import build_task
     from xmr.jobs.evaluate import evaluate_checkpoint
 
     _check_precision(precision)
@@ -92,12 +94,15 @@ def evaluate(
     result = evaluate_checkpoint(checkpoint, data, data_format=data_format, split=split, i2t=i2t, out=out,
                                  batch_size=batch_size, num_workers=workers, precision=precision, device=device,
                                  task=task, rerank_depth=rerank_depth, refine_lambda=refine_lambda,
-                                 refine_scope=refine_scope, refine_grid=refine_grid)
-    columns = build_task(task, **({"i2t": i2t} if task == "person" else {})).columns
+                                 refine_scope=refine_scope, refine_grid=refine_grid,
+                                 images_root=images_root, captions_root=captions_root)
     refined = {d for d in result.results if f"{d}_initial" in result.results}
-    typer.echo(format_table({f"{row_label(d)}{' refined' if d in refined else ''} ({split})": m
-                             for d, m in result.results.items()},
-                            title=str(checkpoint), columns=columns))
+    tables: dict[tuple[str, ...], dict[str, dict[str, float]]] = {}  # one table per column set
+    for d, m in result.results.items():
+        label = f"{row_label(d)}{' refined' if d in refined else ''} ({split})"
+        tables.setdefault(result.task.columns_of(d.partition("_")[0]), {})[label] = m
+    for i, (columns, rows) in enumerate(tables.items()):
+        typer.echo(format_table(rows, title=str(checkpoint) if i == 0 else "", columns=columns))
     typer.echo(f"report: {result.report_path}")
 
 
@@ -126,6 +131,8 @@ def ablation(
 def row_label(key: str) -> str:
     """Result keys as table rows: t2i_initial -> 't2i initial', t2i_full -> 't2i full re-score'."""
     direction, _, variant = key.partition("_")
+    if direction == "class":
+        return "class-level (Reed)"
     return {"": direction, "initial": f"{direction} initial", "full": f"{direction} full re-score"}.get(
         variant, key)
 

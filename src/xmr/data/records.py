@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class DatasetSplits:
     skipped: int = 0  # records skipped because of bad input (only when the reader was asked to skip)
     notes: list[str] = field(default_factory=list)
     task: str = "person"  # the task kind its evaluation splits are scored under (xmr.evaluation.tasks)
+    # that task's options the data asks for (CUB/Flowers: {"class_level_at": 50}, Reed's class protocol)
+    task_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

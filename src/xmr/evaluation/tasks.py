@@ -86,6 +86,10 @@ class Task:
     directions: tuple[str, ...] = ()
     all_directions: tuple[str, ...] = ()
 
+    def columns_of(self, direction: str) -> tuple[str, ...]:
+        """The table columns of one direction's results (most tasks: `columns` for all)."""
+        return self.columns
+
     def describe(self) -> dict[str, Any]:
         """The protocol for JSON reports: metric definitions, tie rule and task settings."""
         return {"task": self.name, "primary": self.primary, "directions": list(self.directions),
@@ -134,15 +138,29 @@ class Task:
 
 
 class PersonTask(Task):
-    """Text-based person search: captions query images (t2i), optionally images query captions (i2t)."""
+    """Text-based person search: captions query images (t2i), optionally images query captions (i2t).
+
+    Also fine-grained class retrieval (CUB, Flowers: labels are classes). ``class_level_at`` adds Reed et
+    al.'s class-level protocol as the direction ``class`` (`xmr.evaluation.reed`): i2t top-1 accuracy
+    against class text embeddings and t2i precision@``class_level_at`` (Reed's "AP@50"), computed from the
+    same features; datasets whose labels are classes ask for it (``DatasetSplits.task_options``).
+    """
 
     name, primary = "person", "R1"
-    all_directions = ("t2i", "i2t")
+    all_directions = ("t2i", "i2t", "class")
 
-    def __init__(self, i2t: bool = False, ks: Sequence[int] = (1, 5, 10)) -> None:
+    def __init__(self, i2t: bool = False, ks: Sequence[int] = (1, 5, 10), class_level_at: int | None = None) -> None:
+        if class_level_at is not None and (isinstance(class_level_at, bool) or int(class_level_at) < 1):
+            raise ValueError(f"class_level_at must be a positive integer, got {class_level_at!r}")
         self.ks = tuple(int(k) for k in ks)
-        self.directions = ("t2i", "i2t") if i2t else ("t2i",)
+        self.class_level_at = None if class_level_at is None else int(class_level_at)
+        self.directions = (("t2i", "i2t") if i2t else ("t2i",)) + (("class",) if self.class_level_at else ())
         self.columns = (*(f"R{k}" for k in self.ks), "mAP", "mINP")
+
+    def columns_of(self, direction: str) -> tuple[str, ...]:
+        if direction == "class":
+            return ("i2t_top1", f"t2i_ap{self.class_level_at}")
+        return self.columns
 
     def _positives(self, split: EvalSplit, direction: str) -> Positives:
         if split.query_labels is not None and split.gallery_labels is not None:
@@ -166,18 +184,40 @@ class PersonTask(Task):
         """``query_feats``: text features of split.query_texts; ``gallery_feats``: image features."""
         results = {}
         for direction in self._directions(directions):
+            if direction == "class":
+                results[direction] = self._class_level(split, query_feats, gallery_feats)
+                continue
             q, g = (query_feats, gallery_feats) if direction == "t2i" else (gallery_feats, query_feats)
             results[direction] = rank_metrics(q, g, self._positives(split, direction), ks=self.ks,
                                               query_chunk=query_chunk, **rank_options)
         return results
 
+    def _class_level(self, split: EvalSplit, query_feats: Any, gallery_feats: Any) -> dict[str, float]:
+        from xmr.evaluation.reed import reed_metrics
+
+        if split.query_labels is None or split.gallery_labels is None:
+            raise ValueError("the class-level protocol needs class labels on queries and gallery")
+        return reed_metrics(query_feats, split.query_labels, gallery_feats, split.gallery_labels,
+                            ap_at=self.class_level_at or 50)
+
     def _definitions(self) -> dict[str, str]:
         out = {f"R{k}": f"% of queries whose best positive ranks <= {k}" for k in self.ks}
         out.update(mAP="mean over queries of mean_j j / r_j", mINP="mean over queries of m / r_m")
+        if self.class_level_at:
+            at = self.class_level_at
+            out.update({
+                "class/i2t_top1": "Reed et al. (CVPR 2016): % of images whose highest-scoring class text embedding "
+                                  "(mean of the class's L2-normalised caption features, normalised) is their class",
+                f"class/t2i_ap{at}": f"Reed's 'AP@{at}': per class, the fraction of the top {at} images (ranked by "
+                                     f"the class text embedding) of that class, i.e. precision@{at}, averaged over "
+                                     "classes; the denominator is always the cut-off"})
         return out
 
     def _settings(self) -> dict[str, Any]:
-        return {"positives": "same identity label (i2t: labels swapped)"}
+        out: dict[str, Any] = {"positives": "same identity label (i2t: labels swapped)"}
+        if self.class_level_at:
+            out["class_level_at"] = self.class_level_at
+        return out
 
 
 class ImageTextTask(Task):

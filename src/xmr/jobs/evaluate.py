@@ -13,6 +13,7 @@ from xmr.data.records import RetrievalSplit
 from xmr.errors import DataError
 from xmr.evaluation.evaluator import caption_split, embed_queries_and_gallery, protocol_record, write_report
 from xmr.evaluation.metrics import topk_bounded
+from xmr.evaluation.tasks import Task
 from xmr.methods.loading import LoadedModel, load_checkpoint
 
 
@@ -25,6 +26,7 @@ class EvaluationResult:
     text_feats: torch.Tensor
     image_feats: torch.Tensor
     split: RetrievalSplit
+    task: Task
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, data_format: str | None = None,
@@ -33,12 +35,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, data_f
                         device: str = "cpu", query_chunk: int = 1024, progress: bool = True,
                         model: LoadedModel | None = None, task: str = "person",
                         rerank_depth: int | None = None, refine_lambda: float | None = None,
-                        refine_scope: str = "shortlist", refine_grid: str | None = None) -> EvaluationResult:
+                        refine_scope: str = "shortlist", refine_grid: str | None = None,
+                        images_root: str | Path | None = None, captions_root: str | Path | None = None,
+                        ) -> EvaluationResult:
     """Score a checkpoint on a data set split under a task kind; write the JSON report with its protocol.
 
     Reranking methods are scored through the same two stages as search, `rerank_depth` (K') recorded, with
     a stage-1 row (`<dir>_initial`) beside it; `refine_scope="full"` adds the exact second-stage ranking of
-    the whole gallery (`<dir>_full`). `refine_grid` ("k=10,50,100;lam=0.1,0.3,0.5") picks the refinement
+    the whole gallery (`<dir>_full`). Data whose labels are classes (CUB, Flowers) add Reed's class-level
+    protocol (direction `class`). `refine_grid` ("k=10,50,100;lam=0.1,0.3,0.5") picks the refinement
     settings on the val split first (never on test) and records the grid in the report.
     """
     from xmr.evaluation.tasks import build_task
@@ -50,11 +55,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, data_f
     experiment = model.experiment()
     seed = experiment.train.seed if experiment else 0
     val_fraction = experiment.data.val_fraction if experiment else 0.1
-    splits = load_dataset(data_format, data_root, seed=seed, val_fraction=val_fraction)
+    splits = load_dataset(data_format, data_root, seed=seed, val_fraction=val_fraction, images_root=images_root,
+                          captions_root=captions_root)
     chosen = {"test": splits.test, "val": splits.val}.get(split)
     if chosen is None:
         raise DataError(f"{data_root}: split {split!r} is not available for format {data_format}")
-    task_kind = build_task(task, **({"i2t": i2t} if task == "person" else {}))
+    options = dict(splits.task_options) if task == splits.task else {}  # what the data asks for (CUB: Reed's)
+    if task == "person":
+        options["i2t"] = i2t
+    task_kind = build_task(task, **options)
     method = model.method
     embed = partial(embed_queries_and_gallery, method, tokenize=model.tokenize, batch_size=batch_size,
                     num_workers=num_workers, device=torch.device(device), precision=precision, progress=progress)
@@ -89,7 +98,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, data_f
         report = write_report(out, scored.results, protocol)
     results = scored.results
     text_feats, image_feats = queries.vectors, gallery.vectors
-    return EvaluationResult(results, report, text_feats, image_feats, chosen)
+    return EvaluationResult(results, report, text_feats, image_feats, chosen, task_kind)
 
 
 def top_results_grid(evaluation: EvaluationResult, out_png: str | Path, *, num_queries: int = 4, k: int = 5,

@@ -105,7 +105,8 @@ def build_train_loader(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer: 
 
 def load_splits(cfg: ExperimentConfig) -> DatasetSplits:
     return load_dataset(cfg.data.format, cfg.data.root, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
-                        on_error=cfg.data.on_error, check_images=cfg.data.check_images)
+                        on_error=cfg.data.on_error, check_images=cfg.data.check_images,
+                        images_root=cfg.data.images_root, captions_root=cfg.data.captions_root)
 
 
 def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
@@ -118,7 +119,7 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainResul
         for note in splits.notes:
             log.info("%s: %s", splits.name, note)
         if cfg.train.select_metric is None:  # model selection on the task's primary metric (person: R1)
-            cfg.train.select_metric = build_task(splits.task).primary
+            cfg.train.select_metric = build_task(splits.task, **splits.task_options).primary
         tokenizer = prepare_tokenizer(cfg.data.tokenizer, [r.caption for r in splits.train], cfg.data.tokenizer_merges)
         method = build_method(cfg.method, build_context(cfg, splits, tokenizer))
         epoch_batches, steps = build_train_loader(cfg, splits, tokenizer, dist_info, method)
@@ -158,7 +159,8 @@ def _validation_callback(cfg: ExperimentConfig, splits: DatasetSplits, tokenizer
     tokenize = tokenize_fn(tokenizer, cfg.data.context_length)
 
     def evaluate(method: Method) -> dict[str, float]:
-        results = evaluate_split(method, splits.val, tokenize, task=splits.task, batch_size=cfg.eval.batch_size,
+        results = evaluate_split(method, splits.val, tokenize, task=build_task(splits.task, **splits.task_options),
+                                 batch_size=cfg.eval.batch_size,
                                  num_workers=cfg.eval.num_workers, device=device, precision=cfg.eval.precision,
                                  query_chunk=cfg.eval.query_chunk)
         return flat_metrics(results)

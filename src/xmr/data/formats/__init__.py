@@ -13,6 +13,7 @@ registered; detection asks each registered reader's layout, the `fallback` ones 
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def load_dataset(
     seed: int = 0,
     on_error: common.OnError = "raise",
     check_images: common.CheckImages = "exists",
+    images_root: str | os.PathLike | None = None,
+    captions_root: str | os.PathLike | None = None,
 ) -> DatasetSplits:
     """Read dataset `name` (a registered format, or "auto" to detect it) from `root`.
 
@@ -93,9 +96,17 @@ def load_dataset(
         raise DataError(
             f"unknown dataset format {name!r}{hint}; known formats: {', '.join(known)} (or 'auto')"
         )
-    return get_reader(key)(
-        root, val_fraction=val_fraction, seed=seed, on_error=on_error, check_images=check_images
-    )
+    reader = get_reader(key)
+    trees = {k: v for k, v in (("images_root", images_root), ("captions_root", captions_root)) if v is not None}
+    if trees:
+        try:
+            inspect.signature(reader).bind(root, **trees)
+        except TypeError:
+            raise DataError(
+                f"format {key} keeps its images and annotations under one root: "
+                f"{' and '.join(sorted(trees))} apply only to formats with separate trees (cub, flowers102)"
+            ) from None
+    return reader(root, val_fraction=val_fraction, seed=seed, on_error=on_error, check_images=check_images, **trees)
 
 
 __all__ = ["FORMATS", "detect_format", "get_reader", "known_formats", "load_dataset"]

@@ -53,6 +53,7 @@ from xmr.data.records import DatasetSplits
 from xmr.errors import DataError
 
 CAPTIONS_PER_IMAGE = 10
+CLASS_LEVEL_AT = 50  # Reed's t2i "AP@50" cut-off
 TEXT = "text_c10"
 TRAINVAL, TEST = "trainvalclasses.txt", "testclasses.txt"
 _SHOW = 5
@@ -386,7 +387,7 @@ def read_reed(
     kept = set(present)
     scan = _read_captions(spec, text, pictures, {c: s for c, s in split.items() if c in kept}, on_error,
                           check_images)
-    return common.finish(
+    splits = common.finish(
         spec.name,
         captions.parent,
         text,
@@ -396,3 +397,6 @@ def read_reed(
         skipped=scan.skipped,
         notes=[split_note, *notes, *scan.notes],
     )
+    # labels are classes: evaluation adds Reed's class-level protocol to the per-caption one
+    splits.task_options = {"class_level_at": CLASS_LEVEL_AT}
+    return splits
