@@ -48,13 +48,13 @@ def test_generator_writes_the_real_layouts_deterministically(cub_root, flowers_r
     classes = sorted(p.name for p in (cap / "text_c10").iterdir())
     assert len(classes) == 12 and all(c[:3].isdigit() and c[3] == "." for c in classes)
     assert len(lines(cap / "trainvalclasses.txt")) == 9 and len(lines(cap / "testclasses.txt")) == 3
-    first = sorted((cap / "text_c10" / classes[0]).glob("*.txt"))[0]
+    first = min((cap / "text_c10" / classes[0]).glob("*.txt"))
     assert len(lines(first)) == 10
     assert (cub_root / "CUB_200_2011" / "images" / classes[0] / f"{first.stem}.jpg").is_file()
     assert any((cap / "images").glob("*.t7"))  # Reed's CNN features, which readers must ignore
     fl = flowers_root / "cvpr2016_flowers"
-    assert sorted(p.name for p in (fl / "text_c10").iterdir())[0] == "class_00001"
-    stem = sorted((fl / "text_c10" / "class_00001").glob("*.txt"))[0].stem
+    assert min(p.name for p in (fl / "text_c10").iterdir()) == "class_00001"
+    stem = min((fl / "text_c10" / "class_00001").glob("*.txt")).stem
     assert stem.startswith("image_") and (flowers_root / "jpg" / f"{stem}.jpg").is_file()
     again = generate_cub_tree(tmp_path / "CUB", num_classes=12, images_per_class=3, num_test_classes=3,
                               image_size=32, seed=1)
