@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from xmr.errors import UnsupportedQuery, XmrError
-from xmr.evaluation.shortlist import Ranked, two_stage
+from xmr.evaluation.shortlist import Fetch, Ranked, two_stage
 from xmr.evaluation.shortlist import rerank_depth as resolve_depth
+from xmr.index.base import Index
 from xmr.methods.base import Refinable, Reranker, supports_query
 from xmr.methods.inference import prepare_encoder
 from xmr.methods.loading import LoadedModel
@@ -45,6 +46,27 @@ class Hit:
     score: float
     first_stage_score: float | None = None
     parts: dict[str, float] = field(default_factory=dict)
+
+
+def index_fetch(index: Index) -> Fetch:
+    """The second stage's `fetch` over an index: the candidates' stored vectors and side arrays,
+    (Q, K', ...) with zeros in padding slots (ids -1)."""
+
+    def fetch(ids: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        flat = ids.reshape(-1)
+        valid = flat >= 0
+        dim = index.manifest.dim
+        vectors = np.zeros((len(flat), dim), dtype=np.float32)
+        extras: dict[str, np.ndarray] = {}
+        if valid.any():
+            vectors[valid] = index.vectors(flat[valid])
+            for name, values in index.extras(flat[valid], names).items():
+                full = np.zeros((len(flat), *values.shape[1:]), dtype=values.dtype)
+                full[valid] = values
+                extras[name] = full.reshape(*ids.shape, *values.shape[1:])
+        return vectors.reshape(*ids.shape, dim), extras
+
+    return fetch
 
 
 class Retriever:
@@ -148,19 +170,7 @@ class Retriever:
         return self.index.search(vectors, min(k, max(len(self.index), 1)))
 
     def _fetch(self, ids: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The candidates' stored vectors and side arrays, (Q, K', ...) with zeros in padding slots."""
-        flat = ids.reshape(-1)
-        valid = flat >= 0
-        dim = self.index.manifest.dim
-        vectors = np.zeros((len(flat), dim), dtype=np.float32)
-        extras: dict[str, np.ndarray] = {}
-        if valid.any():
-            vectors[valid] = self.index.vectors(flat[valid])
-            for name, values in self.index.extras(flat[valid], names).items():
-                full = np.zeros((len(flat), *values.shape[1:]), dtype=values.dtype)
-                full[valid] = values
-                extras[name] = full.reshape(*ids.shape, *values.shape[1:])
-        return vectors.reshape(*ids.shape, dim), extras
+        return index_fetch(self.index)(ids, names)
 
     def rank(self, query: Embedded, k: int = 10, *, rerank_depth: int | None = None,
              refine: bool | None = None) -> Ranked:
