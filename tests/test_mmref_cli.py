@@ -175,3 +175,22 @@ def test_ablation_command_trains_rows_once_and_tabulates(tiny_pedes, tmp_path):
         assert row["mean"]["R1"] == pytest.approx(statistics.fmean(s["R1"] for s in row["per_seed"]))
     assert all(s["k"] == 3 and s["lam"] in (0.0, 0.5) for s in refined["settings"])
     assert full["per_seed"] != [] and (tmp_path / "abl" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mmref_demo_job_ends_with_a_refined_index(tmp_path, monkeypatch):
+    """`xmr demo --method mmref`: its recipe, the demo data, a model, both rows, and an index that refines."""
+    import xmr
+    from xmr.jobs import demo as jobs
+
+    config, work = jobs.method_demo("mmref")
+    assert config == Path("configs/mmref/demo.yaml") and work == Path(".cache/demo-mmref")
+    monkeypatch.setitem(jobs.DEMO_DATA, "num_ids", 20)
+    monkeypatch.setitem(jobs.DEMO_DATA, "images_per_id", 2)
+    monkeypatch.setitem(jobs.DEMO_DATA, "image_size", (64, 32))
+    overrides = tuple(o for o in mmref_overrides(Path("unused"), Path("unused"), **{"optim.epochs": 1})
+                      if not o.startswith(("data.root", "train.output_dir", "data.format")))
+    summary = jobs.run_demo(REPO / config, tmp_path, overrides, progress=False)
+    assert {"t2i", "t2i_initial"} <= set(summary["results"]) and "stage 1 only" in summary["table"]
+    retriever = xmr.load(summary["index"], summary["checkpoint"], precision="fp32")
+    hits = retriever.search_text("a man in a red jacket", k=3)
+    assert retriever.rerank_depth == 5 and {"initial_score", "reference_score"} <= set(hits[0].parts)

@@ -25,7 +25,7 @@ training references, computed exactly through a d x d factorisation. It uses tra
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, ClassVar
@@ -310,7 +310,7 @@ class MMRef(nn.Module):
                 ParamRule("lr_block."), ParamRule("mlm_head."), ParamRule("classifier.")]
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        refs = state_dict.get("references") if hasattr(state_dict, "get") else None
+        refs = state_dict.get("references") if isinstance(state_dict, Mapping) else None
         if refs is not None and tuple(refs.shape) != tuple(self.references.shape):
             raise CheckpointError(
                 f"the checkpoint holds {refs.shape[0]} MMRef references of width {refs.shape[1]}, this model "

@@ -39,7 +39,7 @@ def reference_projection(references: torch.Tensor, profile: str = "centered") ->
 
 def reference_codes(features: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     """z^(x) = normalise(W x^) for (..., d) features; rows with ||W x^|| = 0 stay 0 (so S_ref = 0)."""
-    z = F.normalize(features.float(), dim=-1) @ projection.t()
+    z = F.linear(F.normalize(features.float(), dim=-1), projection)  # x W^T without a transposed copy
     return F.normalize(z, dim=-1)  # F.normalize leaves zero rows at zero (eps in the denominator)
 
 
