@@ -72,7 +72,11 @@ def run_script(path: Path, extra: list[str], timeout: float) -> dict[str, Any]:
         return {"benchmark": path.stem, "error": str(exc), "wall_s": took, "rows": []}
     result.setdefault("benchmark", path.stem)
     result["wall_s"] = took
+    result["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return result
+
+
+KEEP_MARKER = "<!-- written by hand below this line: make bench keeps it -->"
 
 
 def _fmt(x: Any) -> str:
@@ -105,6 +109,11 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for name, result in results["benchmarks"].items():
         lines += [f"## {name}", ""]
+        own = result.get("machine") or {}
+        if own.get("cpu") and own.get("cpu") != m["cpu"]:  # kept from an earlier (partial) run elsewhere
+            lines += [(f"Measured on another machine: {own['cpu']}, {own.get('cores')} cores, flags "
+                      f"{', '.join(own.get('flags') or []) or '—'}; run {result.get('started', '?')}. Compare "
+                      "its ratios, not its absolute figures, with the sections above."), ""]
         if result.get("error"):
             lines += [f"Failed: {result['error']}.", ""]
             continue
@@ -148,7 +157,12 @@ def main() -> None:
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, args.out)
-    args.readme.write_text(markdown(results))
+    kept = ""
+    if args.readme.is_file():  # hand-written notes after the marker survive a re-run
+        text = args.readme.read_text()
+        if KEEP_MARKER in text:
+            kept = text[text.index(KEEP_MARKER):]
+    args.readme.write_text(markdown(results) + ("\n" + kept if kept else ""))
     failed = [n for n, r in results["benchmarks"].items() if r.get("error")]
     print(f"wrote {args.out} and {args.readme}" + (f"; failed: {', '.join(failed)}" if failed else ""),
           file=sys.stderr)
