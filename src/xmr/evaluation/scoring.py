@@ -54,9 +54,8 @@ def score_split(method: Method, task: str | Task, split: EvalSplit, queries: Emb
     positives = Positives.from_lists(split.positives, len(gallery))
     ranks, counts = positive_ranks_excluding(queries.vectors, gallery.vectors, positives, exclude,
                                              query_chunk=query_chunk)
-    ranked = two_stage(queries, depth, matrix_stage1(gallery.vectors, exclude, query_chunk), reranker=method,
-                       depth=depth, fetch=matrix_fetch(gallery))
-    new_ranks = rerank_positions(ranked.ids, ranks.numpy(), positives.padded(np.arange(len(split))))
+    reranked_ids = shortlists(method, queries, gallery, exclude, depth, query_chunk)
+    new_ranks = rerank_positions(reranked_ids, ranks.numpy(), positives.padded(np.arange(len(split))))
     extra = {}
     if task.needs_subset_ranks():
         extra["subset_ranks"] = reranked_subset_ranks(method, queries, gallery, split, exclude)
@@ -66,6 +65,20 @@ def score_split(method: Method, task: str | Task, split: EvalSplit, queries: Emb
                                      directions=others))
         protocol["single_stage_directions"] = list(others)
     return Scored(task.add_summary(results), protocol)
+
+
+def shortlists(method: Reranker, queries: Embedded, gallery: Embedded, exclude: list[int] | None, depth: int,
+               query_chunk: int = 1024) -> np.ndarray:
+    """(Q, K') ids of each query's re-ranked top K' through `two_stage`, in query chunks: the candidates'
+    vectors (chunk x K' x D) are the only large buffer, whatever the number of queries."""
+    fetch = matrix_fetch(gallery)
+    out = []
+    for start in range(0, len(queries.vectors), query_chunk):
+        rows = slice(start, start + query_chunk)
+        chunk = Embedded(queries.vectors[rows], {n: v[rows] for n, v in queries.extras.items()})
+        stage1 = matrix_stage1(gallery.vectors, None if exclude is None else exclude[rows], query_chunk)
+        out.append(two_stage(chunk, depth, stage1, reranker=method, depth=depth, fetch=fetch).ids)
+    return np.concatenate(out) if out else np.zeros((0, depth), dtype=np.int64)
 
 
 def reranked_subset_ranks(method: Reranker, queries: Embedded, gallery: Embedded, split: EvalSplit,
