@@ -96,16 +96,39 @@ class ReedCaptions:
         captions_root: str | os.PathLike | None = None,
     ) -> DatasetSplits:
         """Read the dataset (see the module docstring)."""
-        return read_reed(
-            self,
-            root,
-            val_fraction=val_fraction,
-            seed=seed,
+        spec = self
+        common.check_options(on_error, check_images, val_fraction)
+        root_p = _path(root)
+        captions = _find_captions(spec, root_p, _path(captions_root)).resolve()
+        base = captions.parent if captions_root is None else root_p
+        pictures = _find_pictures(spec, base, _path(images_root)).resolve()
+        text = captions / TEXT
+        if not text.is_dir():
+            raise DataError(
+                f"{spec.name}: caption folder {text} not found; {TEXT}/ (10 captions per image, "
+                f"{TEXT}/<class>/<image>.txt) comes from Reed et al.'s {spec.captions_archive}, not from "
+                f"{spec.pictures_archive}; {captions} contains: {common.listing(captions)}"
+            )
+        trainval, test = _read_list(spec, captions / TRAINVAL), _read_list(spec, captions / TEST)
+        _check_lists(spec, captions, trainval, test)
+        present, notes = _check_folders(spec, text, trainval + test, on_error)
+        split, split_note = _assign_splits(spec, trainval, test, val_fraction, seed)
+        kept = set(present)
+        scan = _read_captions(spec, text, pictures, {c: s for c, s in split.items() if c in kept}, on_error,
+                              check_images)
+        splits = common.finish(
+            spec.name,
+            captions.parent,
+            text,
+            scan.records,
             on_error=on_error,
-            check_images=check_images,
-            images_root=images_root,
-            captions_root=captions_root,
+            check_images="decode" if check_images == "decode" else "none",  # existence was checked above
+            skipped=scan.skipped,
+            notes=[split_note, *notes, *scan.notes],
         )
+        # labels are classes: evaluation adds Reed's class-level protocol to the per-caption one
+        splits.task_options = {"class_level_at": CLASS_LEVEL_AT}
+        return splits
 
 
 # ---------------------------------------------------------------- locating the two trees
@@ -354,49 +377,3 @@ def _read_captions(
 
 def _path(p: str | os.PathLike | None) -> Path | None:
     return None if p is None else Path(p).expanduser()
-
-
-def read_reed(
-    spec: ReedCaptions,
-    root: str | os.PathLike | None,
-    *,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    on_error: common.OnError = "raise",
-    check_images: common.CheckImages = "exists",
-    images_root: str | os.PathLike | None = None,
-    captions_root: str | os.PathLike | None = None,
-) -> DatasetSplits:
-    """Read a Reed-caption dataset laid out as `spec` says (see the module docstring)."""
-    common.check_options(on_error, check_images, val_fraction)
-    root_p = _path(root)
-    captions = _find_captions(spec, root_p, _path(captions_root)).resolve()
-    base = captions.parent if captions_root is None else root_p
-    pictures = _find_pictures(spec, base, _path(images_root)).resolve()
-    text = captions / TEXT
-    if not text.is_dir():
-        raise DataError(
-            f"{spec.name}: caption folder {text} not found; {TEXT}/ (10 captions per image, "
-            f"{TEXT}/<class>/<image>.txt) comes from Reed et al.'s {spec.captions_archive}, not from "
-            f"{spec.pictures_archive}; {captions} contains: {common.listing(captions)}"
-        )
-    trainval, test = _read_list(spec, captions / TRAINVAL), _read_list(spec, captions / TEST)
-    _check_lists(spec, captions, trainval, test)
-    present, notes = _check_folders(spec, text, trainval + test, on_error)
-    split, split_note = _assign_splits(spec, trainval, test, val_fraction, seed)
-    kept = set(present)
-    scan = _read_captions(spec, text, pictures, {c: s for c, s in split.items() if c in kept}, on_error,
-                          check_images)
-    splits = common.finish(
-        spec.name,
-        captions.parent,
-        text,
-        scan.records,
-        on_error=on_error,
-        check_images="decode" if check_images == "decode" else "none",  # existence was checked above
-        skipped=scan.skipped,
-        notes=[split_note, *notes, *scan.notes],
-    )
-    # labels are classes: evaluation adds Reed's class-level protocol to the per-caption one
-    splits.task_options = {"class_level_at": CLASS_LEVEL_AT}
-    return splits
