@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=11_003, help="references (training identities)")
     parser.add_argument("--k", type=int, default=100, help="refined shortlist")
     parser.add_argument("--singles", type=int, default=200, help="single queries for the percentiles")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation-time figures")
     args = parser.parse_args()
     if args.quick:
         args.n, args.singles = min(args.n, 100_000), min(args.singles, 50)
@@ -204,7 +205,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xmr-refine-bench-") as tmp:
         report["query"] = query_latency(args, references, mixture, Path(tmp))
     log(f"query: {report['query']}")
-    sizes = [(6_156, 3_074)] + ([] if args.quick else [(10_000, 100_000)])
+    sizes = [] if args.no_eval else [(6_156, 3_074)] + ([] if args.quick else [(10_000, 100_000)])
     report["evaluation"] = [evaluation_time(q, g, references, args.k, mixture) for q, g in sizes]
     log(f"evaluation: {report['evaluation']}")
     report["seconds"] = round(time.perf_counter() - started, 1)
