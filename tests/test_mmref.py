@@ -19,7 +19,7 @@ from xmr.errors import CheckpointError, ConfigError
 from xmr.evaluation.scoring import score_split
 from xmr.evaluation.shortlist import matrix_fetch, matrix_stage1, two_stage
 from xmr.methods import BuildContext, build_method
-from xmr.methods.base import ExplainedReranker, FullScopeReranker, Reranker
+from xmr.methods.base import ExplainedReranker, FullScopeReranker, PreparesGallery, Reranker
 from xmr.methods.mmref import MMRef, MMRefConfig
 from xmr.models.references import ReferenceRefiner, reference_codes, reference_projection
 from xmr.outputs import Embedded
@@ -307,3 +307,21 @@ def test_a_recipe_for_another_method_replaces_the_base_method_section(tmp_path):
     assert top.method.name == "mmref" and top.method.lr_depth == 2 and top.optim.lr == 0.5
     same = load_config(tmp_path / "same.yaml")
     assert same.method.name == "irra" and same.method.cmt_depth == 2 and same.method.temperature == 0.1
+
+
+def test_prepared_gallery_codes_give_the_per_candidate_scores():
+    """Evaluation computes each gallery item's code once (PreparesGallery); search computes it per
+    candidate: the same refined scores up to float rounding, the same order."""
+    gen = torch.Generator().manual_seed(11)
+    gallery = F.normalize(torch.randn(300, 16, generator=gen), dim=-1)
+    queries = F.normalize(torch.randn(20, 16, generator=gen), dim=-1)
+    refiner = ReferenceRefiner(torch.randn(9, 16, generator=gen), k=40, lam=0.4)
+    assert isinstance(refiner, PreparesGallery)
+    stage1 = matrix_stage1(gallery)
+    per_candidate = two_stage(Embedded(queries), 10, stage1, reranker=refiner, depth=40,
+                              fetch=matrix_fetch(Embedded(gallery)))
+    prepared = two_stage(Embedded(queries), 10, stage1, reranker=refiner, depth=40,
+                         fetch=matrix_fetch(Embedded(gallery), refiner.prepare_gallery(gallery)))
+    assert np.array_equal(per_candidate.ids, prepared.ids)
+    np.testing.assert_allclose(per_candidate.scores, prepared.scores, atol=1e-6)
+    np.testing.assert_allclose(per_candidate.parts["reference_score"], prepared.parts["reference_score"], atol=1e-6)

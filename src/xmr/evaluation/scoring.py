@@ -21,7 +21,7 @@ from xmr.evaluation.metrics import Positives
 from xmr.evaluation.ranks import positive_ranks_excluding
 from xmr.evaluation.shortlist import matrix_fetch, matrix_stage1, rerank_depth, rerank_positions, two_stage
 from xmr.evaluation.tasks import Task, build_task
-from xmr.methods.base import Method, Reranker
+from xmr.methods.base import Method, PreparesGallery, Reranker
 from xmr.outputs import Candidates, Embedded
 
 
@@ -71,7 +71,9 @@ def shortlists(method: Reranker, queries: Embedded, gallery: Embedded, exclude: 
                query_chunk: int = 1024) -> np.ndarray:
     """(Q, K') ids of each query's re-ranked top K' through `two_stage`, in query chunks: the candidates'
     vectors (chunk x K' x D) are the only large buffer, whatever the number of queries."""
-    fetch = matrix_fetch(gallery)
+    # per-item second-stage work done once for the gallery, not once per shortlist the item is in
+    fetch = matrix_fetch(gallery, method.prepare_gallery(gallery.vectors) if isinstance(method, PreparesGallery)
+                         else None)
     out = []
     for start in range(0, len(queries.vectors), query_chunk):
         rows = slice(start, start + query_chunk)

@@ -119,13 +119,16 @@ def matrix_stage1(gallery: torch.Tensor, exclude: list[int] | None = None, query
     return stage1
 
 
-def matrix_fetch(gallery: Embedded):
-    """The candidates' vectors and extras from an in-memory gallery Embedded."""
+def matrix_fetch(gallery: Embedded, prepared: dict[str, torch.Tensor] | None = None):
+    """The candidates' vectors and extras from an in-memory gallery Embedded; `prepared` arrays (a
+    `PreparesGallery` reranker's, one row per gallery item) are gathered along with the named extras."""
+    prepared = prepared or {}
 
     def fetch(ids: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         safe = torch.from_numpy(np.where(ids >= 0, ids, 0))
         vectors = gallery.vectors[safe].numpy()
         extras = {n: gallery.extras[n][safe].numpy() for n in names}
+        extras.update({n: v[safe].numpy() for n, v in prepared.items()})
         return vectors, extras
 
     return fetch

@@ -179,6 +179,20 @@ class FullScopeReranker(Reranker, Protocol):
 
 
 @runtime_checkable
+class PreparesGallery(Reranker, Protocol):
+    """A Reranker whose per-item work can be done once per gallery instead of once per candidate.
+
+    Evaluation scores every query's K' candidates against one in-memory gallery: it calls
+    `prepare_gallery` once and hands the arrays to `rerank` in `candidates.extras` (gathered like stored
+    side arrays). Search calls `rerank` without them, and the reranker computes the same values per
+    candidate (equal up to float rounding of the batch shape)."""
+
+    def prepare_gallery(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, D) normalised gallery vectors -> named (N, ...) arrays that `rerank` may find in extras."""
+        ...
+
+
+@runtime_checkable
 class InitialisesFromData(Protocol):
     """A method that sets some parameters from the training data before the first step (MMRef's
     `ref_init: class_mean`); not called when a run resumes (the checkpoint holds them)."""

@@ -228,6 +228,9 @@ class MMRef(nn.Module):
     def gallery_extras(self) -> tuple[str, ...]:
         return ()
 
+    def prepare_gallery(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.refiner().prepare_gallery(vectors)
+
     def rerank(self, query: Embedded, candidates: Candidates) -> torch.Tensor:
         return self.refiner().rerank(query, candidates)
 

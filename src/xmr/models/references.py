@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from xmr.outputs import Candidates, Embedded
 
 PROFILES = ("centered", "raw")
+CODES = "reference_codes"  # prepared per-item codes z^(v), (N, d), when evaluation provides them
 
 
 def reference_projection(references: torch.Tensor, profile: str = "centered") -> torch.Tensor:
@@ -76,12 +77,19 @@ class ReferenceRefiner:
     def gallery_extras(self) -> tuple[str, ...]:
         return ()
 
+    def prepare_gallery(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every gallery item's code once (evaluation), instead of once per shortlist it appears in."""
+        return {CODES: reference_codes(vectors, self.projection)}
+
     def rerank_explained(self, query: Embedded, candidates: Candidates) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(Q, K') refined scores and their parts: `initial_score` (S_init), `reference_score` (S_ref)."""
-        if candidates.vectors is None:
-            raise ValueError("reference refinement needs the candidates' stored vectors")
+        """(Q, K') refined scores and their parts: `initial_score` (S_init), `reference_score` (S_ref).
+        The candidates' codes come from `candidates.extras` when prepared, else from their vectors."""
         z_query = reference_codes(query.vectors, self.projection)  # (Q, d)
-        z_items = reference_codes(candidates.vectors, self.projection)  # (Q, K', d)
+        z_items = candidates.extras.get(CODES)
+        if z_items is None:
+            if candidates.vectors is None:
+                raise ValueError("reference refinement needs the candidates' stored vectors")
+            z_items = reference_codes(candidates.vectors, self.projection)  # (Q, K', d)
         reference = torch.einsum("qd,qkd->qk", z_query, z_items)
         initial = candidates.scores.float()
         return refined_scores(initial, reference, self.lam), {"initial_score": initial,
