@@ -13,7 +13,7 @@ from xmr.data.records import RetrievalSplit
 from xmr.errors import DataError
 from xmr.evaluation.evaluator import caption_split, embed_queries_and_gallery, protocol_record, write_report
 from xmr.evaluation.metrics import topk_bounded
-from xmr.evaluation.tasks import Task
+from xmr.evaluation.tasks import Task, build_task
 from xmr.methods.loading import LoadedModel, load_checkpoint
 
 
@@ -46,7 +46,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, *, data_f
     protocol (direction `class`). `refine_grid` ("k=10,50,100;lam=0.1,0.3,0.5") picks the refinement
     settings on the val split first (never on test) and records the grid in the report.
     """
-    from xmr.evaluation.tasks import build_task
     from xmr.evaluation.tuning import parse_grid, score_variants, tune_refinement
     from xmr.methods.base import Refinable
 

@@ -169,9 +169,6 @@ class Retriever:
     def _stage1(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(vectors, min(k, max(len(self.index), 1)))
 
-    def _fetch(self, ids: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return index_fetch(self.index)(ids, names)
-
     def rank(self, query: Embedded, k: int = 10, *, rerank_depth: int | None = None,
              refine: bool | None = None) -> Ranked:
         """The two stages for normalised queries: index top K', then the method's rerank (if any).
@@ -187,7 +184,7 @@ class Retriever:
         if depth < 0:
             raise XmrError(f"rerank_depth must be >= 0, got {depth}")
         return two_stage(query, k, self._stage1, reranker=self.reranker, depth=depth if self.reranker else 0,
-                         fetch=self._fetch)
+                         fetch=index_fetch(self.index))
 
     def _hits(self, ranked: Ranked) -> list[list[Hit]]:
         out = []
